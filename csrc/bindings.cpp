@@ -1,0 +1,458 @@
+// Python bindings: the only file that includes pybind11. Converts NumPy arrays into the plain
+// C++ views of csrc/ (no copies of features), releases the GIL for long calls, and routes
+// per-epoch callbacks and Ctrl-C back into Python.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/blas.h"
+#include "common/check.h"
+#include "common/convert.h"
+#include "common/head_math.h"
+#include "common/parallel.h"
+#include "common/rng.h"
+#include "head_lbfgs/head_lbfgs.h"
+#include "head_predict/head_predict.h"
+#include "head_train/head_train.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace pyft {
+namespace {
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+/// A 2-D feature view over any float32/float16/bfloat16/float64 array, any strides, no copy.
+/// bfloat16 arrives either as an ml_dtypes.bfloat16 array or as a 16-bit integer array with
+/// bfloat16=True (the bit pattern, e.g. torch_tensor.view(torch.int16).numpy()).
+Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
+  PYFT_CHECK(a.ndim() == 2, "%s must be a 2-D array (n_samples, n_features); got %d dimension(s)",
+             name, (int)a.ndim());
+  const std::string dt = dtype_str(a);
+  Matrix m;
+  const char kind = a.dtype().kind();
+  const auto size = a.itemsize();
+  if (bfloat16) {
+    PYFT_CHECK(size == 2 && (kind == 'u' || kind == 'i' || dt == "bfloat16"),
+               "%s with bfloat16=True must hold 16-bit bfloat16 bit patterns (uint16, int16 or "
+               "ml_dtypes.bfloat16); got %s",
+               name, dt.c_str());
+    m.dtype = DType::BF16;
+  } else if (dt == "bfloat16") {
+    m.dtype = DType::BF16;
+  } else if (kind == 'f' && size == 4) {
+    m.dtype = DType::F32;
+  } else if (kind == 'f' && size == 2) {
+    m.dtype = DType::F16;
+  } else if (kind == 'f' && size == 8) {
+    m.dtype = DType::F64;
+  } else {
+    PYFT_CHECK(false, "%s must be float32, float16, bfloat16 or float64; got %s", name, dt.c_str());
+  }
+  m.data = a.data();
+  m.rows = a.shape(0);
+  m.cols = a.shape(1);
+  m.row_stride = a.strides(0);
+  m.col_stride = a.strides(1);
+  return m;
+}
+
+/// Labels as a contiguous int64 vector (labels are small; copying them is fine).
+py::array_t<int64_t> to_labels(const py::array& a, const char* name, int64_t n) {
+  PYFT_CHECK(a.ndim() == 1, "%s must be a 1-D array; got %d dimension(s)", name, (int)a.ndim());
+  const char kind = a.dtype().kind();
+  PYFT_CHECK(kind == 'i' || kind == 'u', "%s must be an integer array of class indices; got %s",
+             name, dtype_str(a).c_str());
+  PYFT_CHECK(a.shape(0) == n, "%s must have one entry per feature row (%lld); got %lld", name,
+             (long long)n, (long long)a.shape(0));
+  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+}
+
+float* params_ptr(const py::array& p, int64_t expected) {
+  PYFT_CHECK(p.ndim() == 1 && p.dtype().kind() == 'f' && p.itemsize() == 4,
+             "params must be a 1-D float32 array; got %d-D %s", (int)p.ndim(),
+             dtype_str(p).c_str());
+  PYFT_CHECK(p.shape(0) == expected, "params must have %lld entries for this head; got %lld",
+             (long long)expected, (long long)p.shape(0));
+  PYFT_CHECK((p.flags() & py::array::c_style) && p.writeable(),
+             "params must be C-contiguous and writeable");
+  return static_cast<float*>(const_cast<void*>(p.data()));
+}
+
+HeadSpec make_spec(const std::string& head, int64_t in_features, int64_t hidden, int64_t classes,
+                   const std::string& activation) {
+  HeadSpec s;
+  if (head == "linear") {
+    s.kind = HeadKind::Linear;
+  } else if (head == "mlp") {
+    s.kind = HeadKind::MLP;
+  } else {
+    PYFT_CHECK(false, "head must be 'linear' or 'mlp'; got '%s'", head.c_str());
+  }
+  if (activation == "relu") {
+    s.activation = Activation::ReLU;
+  } else if (activation == "gelu") {
+    s.activation = Activation::GELU;
+  } else {
+    PYFT_CHECK(false, "activation must be 'relu' or 'gelu'; got '%s'", activation.c_str());
+  }
+  s.in_features = in_features;
+  s.hidden = s.kind == HeadKind::MLP ? hidden : 0;
+  s.classes = classes;
+  check_spec(s);
+  return s;
+}
+
+KernelChoice make_kernel(const std::string& k) {
+  if (k == "auto") return KernelChoice::Auto;
+  if (k == "blas") return KernelChoice::Blas;
+  if (k == "fused") return KernelChoice::Fused;
+  PYFT_CHECK(false, "kernel must be 'auto', 'blas' or 'fused'; got '%s'", k.c_str());
+  return KernelChoice::Auto;
+}
+
+struct WeightsHolder {
+  py::array_t<float> arr;
+  LossSpec spec;
+};
+
+WeightsHolder make_loss(const std::optional<py::array>& class_weights, double label_smoothing,
+                        int64_t classes) {
+  WeightsHolder h;
+  h.spec.label_smoothing = static_cast<float>(label_smoothing);
+  if (class_weights) {
+    const py::array& w = *class_weights;
+    PYFT_CHECK(w.ndim() == 1 && w.shape(0) == classes,
+               "class_weights must be a 1-D array of %lld weights; got shape with %d dims and %lld "
+               "entries",
+               (long long)classes, (int)w.ndim(), (long long)(w.ndim() ? w.shape(0) : 0));
+    PYFT_CHECK(w.dtype().kind() == 'f' || w.dtype().kind() == 'i' || w.dtype().kind() == 'u',
+               "class_weights must be numeric; got %s", dtype_str(w).c_str());
+    h.arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(w);
+    h.spec.class_weights = h.arr.data();
+  }
+  return h;
+}
+
+/// Carries a Python exception raised inside a callback (or Ctrl-C) across the native loop.
+struct PyErrorSlot {
+  std::unique_ptr<py::error_already_set> error;
+  void rethrow() {
+    if (error) {
+      auto e = std::move(error);
+      throw py::error_already_set(std::move(*e));
+    }
+  }
+};
+
+InterruptCheck make_interrupt_check(PyErrorSlot& slot) {
+  return [&slot]() -> bool {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      slot.error = std::make_unique<py::error_already_set>();
+      return true;
+    }
+    return false;
+  };
+}
+
+py::dict epoch_dict(const EpochStats& st) {
+  py::dict d("epoch"_a = st.epoch, "train_loss"_a = st.train_loss,
+             "train_accuracy"_a = st.train_accuracy, "lr"_a = st.lr, "steps"_a = st.steps,
+             "seconds"_a = st.seconds);
+  if (st.has_val) {
+    d["val_loss"] = st.val_loss;
+    d["val_accuracy"] = st.val_accuracy;
+  }
+  return d;
+}
+
+py::dict train_head_py(py::array params, py::array features, py::array labels,
+                       const std::string& head, int64_t num_classes, int64_t hidden_size,
+                       const std::string& activation, std::optional<py::array> val_features,
+                       std::optional<py::array> val_labels, bool bfloat16,
+                       std::optional<py::array> class_weights, double label_smoothing,
+                       const std::string& optimizer, double lr, double weight_decay,
+                       double momentum, double dampening, bool nesterov, double beta1,
+                       double beta2, double eps, const std::string& schedule,
+                       int64_t warmup_steps, double min_lr_ratio, int64_t step_size, double gamma,
+                       int64_t epochs, int64_t batch_size, bool shuffle, bool drop_last,
+                       uint64_t seed, double dropout, int64_t patience, double min_delta,
+                       int n_threads, const std::string& kernel, std::optional<py::function> callback) {
+  Matrix X = to_matrix(features, "features", bfloat16);
+  HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
+  float* p = params_ptr(params, spec.num_params());
+  auto y = to_labels(labels, "labels", X.rows);
+  std::optional<Matrix> Xv;
+  py::array_t<int64_t> yv;
+  PYFT_CHECK(val_features.has_value() == val_labels.has_value(),
+             "val_features and val_labels must be given together");
+  if (val_features) {
+    Xv = to_matrix(*val_features, "val_features", bfloat16);
+    yv = to_labels(*val_labels, "val_labels", Xv->rows);
+  }
+  WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
+
+  TrainOptions opt;
+  if (optimizer == "sgd") {
+    opt.optimizer = OptimizerKind::SGD;
+  } else if (optimizer == "adamw") {
+    opt.optimizer = OptimizerKind::AdamW;
+  } else {
+    PYFT_CHECK(false, "optimizer must be 'sgd' or 'adamw'; got '%s'", optimizer.c_str());
+  }
+  if (schedule == "constant") {
+    opt.schedule = ScheduleKind::Constant;
+  } else if (schedule == "cosine") {
+    opt.schedule = ScheduleKind::Cosine;
+  } else if (schedule == "step") {
+    opt.schedule = ScheduleKind::Step;
+  } else {
+    PYFT_CHECK(false, "schedule must be 'constant', 'cosine' or 'step'; got '%s'", schedule.c_str());
+  }
+  opt.lr = lr;
+  opt.weight_decay = weight_decay;
+  opt.momentum = momentum;
+  opt.dampening = dampening;
+  opt.nesterov = nesterov;
+  opt.beta1 = beta1;
+  opt.beta2 = beta2;
+  opt.eps = eps;
+  opt.warmup_steps = warmup_steps;
+  opt.min_lr_ratio = min_lr_ratio;
+  opt.step_size = step_size;
+  opt.gamma = gamma;
+  opt.epochs = epochs;
+  opt.batch_size = batch_size;
+  opt.shuffle = shuffle;
+  opt.drop_last = drop_last;
+  opt.seed = seed;
+  opt.dropout = static_cast<float>(dropout);
+  opt.patience = patience;
+  opt.min_delta = min_delta;
+  opt.n_threads = n_threads;
+  opt.kernel = make_kernel(kernel);
+
+  PyErrorSlot slot;
+  std::vector<EpochStats> history;
+  EpochCallback on_epoch = [&](const EpochStats& st) -> bool {
+    history.push_back(st);
+    if (!callback) return true;
+    py::gil_scoped_acquire gil;
+    try {
+      py::object r = (*callback)(epoch_dict(st));
+      return r.is_none() || py::bool_(r);
+    } catch (py::error_already_set& e) {
+      slot.error = std::make_unique<py::error_already_set>(std::move(e));
+      return false;
+    }
+  };
+  InterruptCheck interrupted = make_interrupt_check(slot);
+  TrainResult res;
+  {
+    py::gil_scoped_release release;
+    res = train_head(spec, p, X, y.data(), Xv ? &*Xv : nullptr, Xv ? yv.data() : nullptr,
+                     loss.spec, opt, on_epoch, interrupted);
+  }
+  slot.rethrow();
+  py::list hist;
+  for (auto& st : history) hist.append(epoch_dict(st));
+  return py::dict("epochs_run"_a = res.epochs_run, "steps"_a = res.steps,
+                  "best_epoch"_a = res.best_epoch, "stopped_early"_a = res.stopped_early,
+                  "stopped_by_callback"_a = res.stopped_by_callback, "history"_a = hist,
+                  "threads"_a = resolve_threads(n_threads),
+                  "kernel"_a = use_fused_kernel(spec, opt.kernel) ? "fused" : "blas");
+}
+
+py::dict train_head_lbfgs_py(py::array params, py::array features, py::array labels,
+                             int64_t num_classes, bool bfloat16,
+                             std::optional<py::array> class_weights, double label_smoothing,
+                             double l2, int64_t max_iter, double tol, double ftol, int64_t history,
+                             int n_threads, const std::string& kernel,
+                             std::optional<py::function> callback) {
+  Matrix X = to_matrix(features, "features", bfloat16);
+  HeadSpec spec = make_spec("linear", X.cols, 0, num_classes, "relu");
+  float* p = params_ptr(params, spec.num_params());
+  auto y = to_labels(labels, "labels", X.rows);
+  WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
+  LbfgsOptions opt;
+  opt.l2 = l2;
+  opt.max_iter = max_iter;
+  opt.tol = tol;
+  opt.ftol = ftol;
+  opt.history = history;
+  opt.n_threads = n_threads;
+  opt.kernel = make_kernel(kernel);
+  PyErrorSlot slot;
+  LbfgsCallback on_iter = [&](const LbfgsIteration& it) -> bool {
+    if (!callback) return true;
+    py::gil_scoped_acquire gil;
+    try {
+      py::object r = (*callback)(py::dict("iteration"_a = it.iteration, "objective"_a = it.objective,
+                                          "grad_max"_a = it.grad_max,
+                                          "evaluations"_a = it.evaluations));
+      return r.is_none() || py::bool_(r);
+    } catch (py::error_already_set& e) {
+      slot.error = std::make_unique<py::error_already_set>(std::move(e));
+      return false;
+    }
+  };
+  InterruptCheck interrupted = make_interrupt_check(slot);
+  LbfgsResult res;
+  {
+    py::gil_scoped_release release;
+    res = train_head_lbfgs(spec, p, X, y.data(), loss.spec, opt, on_iter, interrupted);
+  }
+  slot.rethrow();
+  return py::dict("iterations"_a = res.iterations, "evaluations"_a = res.evaluations,
+                  "objective"_a = res.objective, "grad_max"_a = res.grad_max,
+                  "converged"_a = res.converged, "message"_a = res.message);
+}
+
+py::tuple objective_py(py::array params, py::array features, py::array labels,
+                       const std::string& head, int64_t num_classes, int64_t hidden_size,
+                       const std::string& activation, bool bfloat16,
+                       std::optional<py::array> class_weights, double label_smoothing, double l2,
+                       int n_threads, const std::string& kernel) {
+  Matrix X = to_matrix(features, "features", bfloat16);
+  HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
+  float* p = params_ptr(params, spec.num_params());
+  auto y = to_labels(labels, "labels", X.rows);
+  WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
+  KernelChoice kc = make_kernel(kernel);
+  py::array_t<float> grad(spec.num_params());
+  float* g = grad.mutable_data();
+  double f;
+  {
+    py::gil_scoped_release release;
+    f = head_objective(spec, p, X, y.data(), loss.spec, l2, g, n_threads, kc);
+  }
+  return py::make_tuple(f, grad);
+}
+
+py::array predict_py(py::array params, py::array features, const std::string& head,
+                     int64_t num_classes, int64_t hidden_size, const std::string& activation,
+                     bool bfloat16, const std::string& output, int n_threads) {
+  Matrix X = to_matrix(features, "features", bfloat16);
+  HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
+  float* p = params_ptr(params, spec.num_params());
+  PredictOutput what;
+  if (output == "logits") {
+    what = PredictOutput::Logits;
+  } else if (output == "proba") {
+    what = PredictOutput::Proba;
+  } else if (output == "labels") {
+    what = PredictOutput::Labels;
+  } else {
+    PYFT_CHECK(false, "output must be 'logits', 'proba' or 'labels'; got '%s'", output.c_str());
+  }
+  if (what == PredictOutput::Labels) {
+    py::array_t<int64_t> out(X.rows);
+    int64_t* o = out.mutable_data();
+    py::gil_scoped_release release;
+    head_predict(spec, p, X, what, nullptr, o, n_threads);
+    return out;
+  }
+  py::array_t<float> out({X.rows, num_classes});
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    head_predict(spec, p, X, what, o, nullptr, n_threads);
+  }
+  return out;
+}
+
+py::array_t<int64_t> epoch_permutation_py(int64_t n, uint64_t seed, int64_t epoch) {
+  PYFT_CHECK(n >= 0, "n must be >= 0; got %lld", (long long)n);
+  py::array_t<int64_t> out(n);
+  epoch_permutation(seed, epoch, n, out.mutable_data());
+  return out;
+}
+
+}  // namespace
+}  // namespace pyft
+
+PYBIND11_MODULE(_core, m) {
+  using namespace pyft;
+  m.doc() = "pyft native core: fused head training and inference on NumPy buffers";
+  m.attr("__version__") = PYFT_VERSION;
+
+  m.def("train_head", &train_head_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
+        "head"_a = "linear", "num_classes"_a, "hidden_size"_a = 0, "activation"_a = "relu",
+        "val_features"_a = py::none(), "val_labels"_a = py::none(), "bfloat16"_a = false,
+        "class_weights"_a = py::none(), "label_smoothing"_a = 0.0, "optimizer"_a = "adamw",
+        "lr"_a = 1e-3, "weight_decay"_a = 0.0, "momentum"_a = 0.0, "dampening"_a = 0.0,
+        "nesterov"_a = false, "beta1"_a = 0.9, "beta2"_a = 0.999, "eps"_a = 1e-8,
+        "schedule"_a = "constant", "warmup_steps"_a = 0, "min_lr_ratio"_a = 0.0,
+        "step_size"_a = 1, "gamma"_a = 0.1, "epochs"_a = 10, "batch_size"_a = 256,
+        "shuffle"_a = true, "drop_last"_a = false, "seed"_a = 0, "dropout"_a = 0.0,
+        "patience"_a = 0, "min_delta"_a = 0.0, "n_threads"_a = 0, "kernel"_a = "auto",
+        "callback"_a = py::none(),
+        R"doc(Train a head in place with mini-batch SGD or AdamW; one native call, GIL released.
+
+params: 1-D float32 (linear: W (C*D) | b (C); mlp: W1 (H*D) | b1 (H) | W2 (C*H) | b2 (C)),
+updated in place. features: 2-D float32/float16/bfloat16/float64, any strides (never copied
+whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch history.)doc");
+
+  m.def("train_head_lbfgs", &train_head_lbfgs_py, "params"_a, "features"_a, "labels"_a,
+        py::kw_only(), "num_classes"_a, "bfloat16"_a = false, "class_weights"_a = py::none(),
+        "label_smoothing"_a = 0.0, "l2"_a = 0.0, "max_iter"_a = 1000, "tol"_a = 1e-4,
+        "ftol"_a = 1e-9, "history"_a = 10, "n_threads"_a = 0, "kernel"_a = "auto",
+        "callback"_a = py::none(),
+        "Full-batch L-BFGS for the linear head (objective: weighted mean cross-entropy + l2/2 ||W||^2).");
+
+  m.def("objective", &objective_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
+        "head"_a = "linear", "num_classes"_a, "hidden_size"_a = 0, "activation"_a = "relu",
+        "bfloat16"_a = false, "class_weights"_a = py::none(), "label_smoothing"_a = 0.0,
+        "l2"_a = 0.0, "n_threads"_a = 0, "kernel"_a = "auto",
+        "Full-batch objective and its gradient: (value, grad).");
+
+  m.def("predict", &predict_py, "params"_a, "features"_a, py::kw_only(), "head"_a = "linear",
+        "num_classes"_a, "hidden_size"_a = 0, "activation"_a = "relu", "bfloat16"_a = false,
+        "output"_a = "logits", "n_threads"_a = 0,
+        "Logits, softmax probabilities or argmax labels for every row of features.");
+
+  m.def("epoch_permutation", &epoch_permutation_py, "n"_a, "seed"_a, "epoch"_a,
+        "The sample order train_head uses in a given epoch (for reference implementations).");
+  m.def("lr_factor",
+        [](const std::string& schedule, int64_t step, int64_t total, int64_t steps_per_epoch,
+           int64_t warmup_steps, double min_lr_ratio, int64_t step_size, double gamma) {
+          TrainOptions o;
+          if (schedule == "constant") o.schedule = ScheduleKind::Constant;
+          else if (schedule == "cosine") o.schedule = ScheduleKind::Cosine;
+          else if (schedule == "step") o.schedule = ScheduleKind::Step;
+          else PYFT_CHECK(false, "schedule must be 'constant', 'cosine' or 'step'; got '%s'", schedule.c_str());
+          o.warmup_steps = warmup_steps;
+          o.min_lr_ratio = min_lr_ratio;
+          o.step_size = step_size;
+          o.gamma = gamma;
+          return lr_factor(o, step, total, steps_per_epoch);
+        },
+        "schedule"_a, "step"_a, "total"_a, "steps_per_epoch"_a, "warmup_steps"_a = 0,
+        "min_lr_ratio"_a = 0.0, "step_size"_a = 1, "gamma"_a = 0.1,
+        "Learning-rate multiplier of a schedule at an optimizer step.");
+  m.def("num_threads", [](int requested) { return resolve_threads(requested); }, "requested"_a = 0,
+        "Threads a call with n_threads=requested will use.");
+  m.def("blas_config", []() { return std::string(blas_config()); }, "OpenBLAS build configuration.");
+  m.def("cuda_version", []() {
+#if defined(PYFT_WITH_CUDA)
+    return 0;  // CUDA kernels are not built yet; the option only validates the toolchain.
+#else
+    return -1;
+#endif
+  }, "CUDA runtime version the core was built with, or -1 for a CPU-only build.");
+  m.def("has_openmp", []() {
+#if defined(PYFT_WITH_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,137 @@
+// Validation and dispatch for head training.
+#include "head_train/head_train.h"
+
+#include <cmath>
+
+#include "common/check.h"
+#include "common/parallel.h"
+
+namespace pyft {
+
+void check_spec(const HeadSpec& spec) {
+  PYFT_CHECK(spec.in_features >= 1, "features must have at least 1 column; got %lld",
+             (long long)spec.in_features);
+  PYFT_CHECK(spec.classes >= 2, "num_classes must be >= 2; got %lld", (long long)spec.classes);
+  if (spec.kind == HeadKind::MLP)
+    PYFT_CHECK(spec.hidden >= 1, "hidden_size must be >= 1 for the MLP head; got %lld",
+               (long long)spec.hidden);
+}
+
+void check_features(const Matrix& X, const HeadSpec& spec, const char* name, int n_threads) {
+  PYFT_CHECK(X.data != nullptr || X.rows == 0, "%s has no data", name);
+  PYFT_CHECK(X.rows >= 1, "%s must have at least 1 row; got an empty array of shape (%lld, %lld)",
+             name, (long long)X.rows, (long long)X.cols);
+  PYFT_CHECK(X.cols == spec.in_features, "%s must have %lld columns (in_features); got %lld",
+             name, (long long)spec.in_features, (long long)X.cols);
+  int64_t bad_row = -1, bad_col = -1;
+  PYFT_CHECK(all_finite(X, resolve_threads(n_threads), &bad_row, &bad_col),
+             "%s must be finite; found NaN or infinity at row %lld, column %lld", name,
+             (long long)bad_row, (long long)bad_col);
+}
+
+void check_labels(const int64_t* labels, int64_t n, int64_t classes, const char* name) {
+  PYFT_CHECK(labels != nullptr, "%s is missing", name);
+  for (int64_t i = 0; i < n; ++i)
+    PYFT_CHECK(labels[i] >= 0 && labels[i] < classes, "%s must be in [0, %lld); got %lld at index %lld",
+               name, (long long)classes, (long long)labels[i], (long long)i);
+}
+
+void check_loss(const LossSpec& loss, int64_t classes) {
+  PYFT_CHECK(loss.label_smoothing >= 0.0f && loss.label_smoothing < 1.0f,
+             "label_smoothing must be in [0, 1); got %g", (double)loss.label_smoothing);
+  if (loss.class_weights) {
+    double total = 0.0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float w = loss.class_weights[c];
+      PYFT_CHECK(std::isfinite(w) && w >= 0.0f,
+                 "class_weights must be finite and >= 0; got %g for class %lld", (double)w,
+                 (long long)c);
+      total += w;
+    }
+    PYFT_CHECK(total > 0.0, "class_weights must not all be zero");
+  }
+}
+
+namespace {
+void check_options(const TrainOptions& opt) {
+  PYFT_CHECK(std::isfinite(opt.lr) && opt.lr > 0.0, "lr must be a positive number; got %g", opt.lr);
+  PYFT_CHECK(opt.epochs >= 1, "epochs must be >= 1; got %lld", (long long)opt.epochs);
+  PYFT_CHECK(opt.batch_size >= 1, "batch_size must be >= 1; got %lld", (long long)opt.batch_size);
+  PYFT_CHECK(std::isfinite(opt.weight_decay) && opt.weight_decay >= 0.0,
+             "weight_decay must be >= 0; got %g", opt.weight_decay);
+  PYFT_CHECK(opt.momentum >= 0.0 && opt.momentum < 1.0, "momentum must be in [0, 1); got %g",
+             opt.momentum);
+  PYFT_CHECK(opt.dampening >= 0.0 && opt.dampening <= 1.0, "dampening must be in [0, 1]; got %g",
+             opt.dampening);
+  PYFT_CHECK(!opt.nesterov || (opt.momentum > 0.0 && opt.dampening == 0.0),
+             "nesterov=True needs momentum > 0 and dampening == 0; got momentum=%g, dampening=%g",
+             opt.momentum, opt.dampening);
+  PYFT_CHECK(opt.beta1 >= 0.0 && opt.beta1 < 1.0, "beta1 must be in [0, 1); got %g", opt.beta1);
+  PYFT_CHECK(opt.beta2 >= 0.0 && opt.beta2 < 1.0, "beta2 must be in [0, 1); got %g", opt.beta2);
+  PYFT_CHECK(opt.eps > 0.0, "eps must be > 0; got %g", opt.eps);
+  PYFT_CHECK(opt.warmup_steps >= 0, "warmup_steps must be >= 0; got %lld",
+             (long long)opt.warmup_steps);
+  PYFT_CHECK(opt.min_lr_ratio >= 0.0 && opt.min_lr_ratio <= 1.0,
+             "min_lr_ratio must be in [0, 1]; got %g", opt.min_lr_ratio);
+  PYFT_CHECK(opt.step_size >= 1, "step_size must be >= 1; got %lld", (long long)opt.step_size);
+  PYFT_CHECK(opt.gamma > 0.0, "gamma must be > 0; got %g", opt.gamma);
+  PYFT_CHECK(opt.dropout >= 0.0f && opt.dropout < 1.0f, "dropout must be in [0, 1); got %g",
+             (double)opt.dropout);
+  PYFT_CHECK(opt.patience >= 0, "patience must be >= 0; got %lld", (long long)opt.patience);
+  PYFT_CHECK(opt.min_delta >= 0.0, "min_delta must be >= 0; got %g", opt.min_delta);
+}
+}  // namespace
+
+double lr_factor(const TrainOptions& opt, int64_t step, int64_t total, int64_t steps_per_epoch) {
+  double f = 1.0;
+  const int64_t w = opt.warmup_steps;
+  switch (opt.schedule) {
+    case ScheduleKind::Constant: break;
+    case ScheduleKind::Cosine: {
+      if (step >= w) {
+        const double span = static_cast<double>(std::max<int64_t>(1, total - w));
+        const double progress = std::min(1.0, static_cast<double>(step - w) / span);
+        f = opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * 0.5 * (1.0 + std::cos(M_PI * progress));
+      }
+      break;
+    }
+    case ScheduleKind::Step: {
+      const int64_t epoch = step / std::max<int64_t>(1, steps_per_epoch);
+      f = std::pow(opt.gamma, static_cast<double>(epoch / opt.step_size));
+      break;
+    }
+  }
+  if (step < w) f *= static_cast<double>(step + 1) / static_cast<double>(w);
+  return f;
+}
+
+TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
+                       const int64_t* labels, const Matrix* val_X, const int64_t* val_labels,
+                       const LossSpec& loss, const TrainOptions& opt,
+                       const EpochCallback& on_epoch, const InterruptCheck& interrupted) {
+  check_spec(spec);
+  check_options(opt);
+  check_loss(loss, spec.classes);
+  PYFT_CHECK(params != nullptr, "params is missing");
+  check_features(X, spec, "features", opt.n_threads);
+  check_labels(labels, X.rows, spec.classes, "labels");
+  if (val_X) {
+    check_features(*val_X, spec, "val_features", opt.n_threads);
+    check_labels(val_labels, val_X->rows, spec.classes, "val_labels");
+  }
+  PYFT_CHECK(opt.patience == 0 || val_X != nullptr,
+             "patience=%lld (early stopping) needs a validation set (val_features, val_labels)",
+             (long long)opt.patience);
+  if (loss.class_weights) {
+    // Every mini-batch needs a positive normaliser sum_i w_{y_i}.
+    for (int64_t i = 0; i < X.rows; ++i)
+      PYFT_CHECK(loss.class_weights[labels[i]] > 0.0f,
+                 "class_weights must be > 0 for every class present in labels; class %lld has "
+                 "weight 0",
+                 (long long)labels[i]);
+  }
+  return cpu::train_head(spec, params, X, labels, val_X, val_labels, loss, opt, on_epoch,
+                         interrupted);
+}
+
+}  // namespace pyft

@@ -1,0 +1,232 @@
+// CPU training loop: shuffle, batch loss/gradient (common/head_math), optimizer, schedule.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/parallel.h"
+#include "common/rng.h"
+#include "common/simd.h"
+#include "head_train/head_train.h"
+
+namespace pyft {
+namespace cpu {
+
+namespace {
+
+PYFT_MULTIVERSION
+void sgd_update(float* __restrict p, const float* __restrict g, float* __restrict buf, int64_t n,
+                float lr, float wd, float momentum, float dampening, bool nesterov,
+                bool first_step) {
+  for (int64_t i = 0; i < n; ++i) {
+    float d = g[i];
+    if (wd != 0.0f) d += wd * p[i];
+    if (momentum != 0.0f) {
+      const float b = first_step ? d : momentum * buf[i] + (1.0f - dampening) * d;
+      buf[i] = b;
+      d = nesterov ? d + momentum * b : b;
+    }
+    p[i] -= lr * d;
+  }
+}
+
+PYFT_MULTIVERSION
+void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m,
+                  float* __restrict v, int64_t n, float lr, float wd, float beta1, float beta2,
+                  float eps, float step_size, float bc2_sqrt) {
+  const float decay = 1.0f - lr * wd;
+  for (int64_t i = 0; i < n; ++i) {
+    // Same operation order as torch.optim.AdamW (single-tensor path).
+    if (wd != 0.0f) p[i] *= decay;
+    m[i] += (1.0f - beta1) * (g[i] - m[i]);
+    v[i] = v[i] * beta2 + (1.0f - beta2) * g[i] * g[i];
+    const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+    p[i] += -step_size * (m[i] / denom);
+  }
+}
+
+struct Optimizer {
+  const HeadSpec& spec;
+  const TrainOptions& opt;
+  std::vector<float> m, v;  // AdamW moments, or SGD momentum buffer in m
+  int64_t t = 0;
+  int n_threads;
+  std::vector<std::pair<int64_t, int64_t>> wr, br;
+
+  Optimizer(const HeadSpec& s, const TrainOptions& o, int nt) : spec(s), opt(o), n_threads(nt) {
+    const int64_t P = spec.num_params();
+    if (opt.optimizer == OptimizerKind::AdamW) {
+      m.assign(P, 0.0f);
+      v.assign(P, 0.0f);
+    } else if (opt.momentum != 0.0) {
+      m.assign(P, 0.0f);
+    }
+    wr = spec.weight_ranges();
+    br = spec.bias_ranges();
+  }
+
+  void step(float* params, const float* grad, double lr) {
+    ++t;
+    auto run = [&](int64_t lo, int64_t hi, float wd) {
+      const int64_t n = hi - lo;
+      const int nt = n >= (1 << 16) ? n_threads : 1;
+#if defined(PYFT_WITH_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+      {
+        int64_t a, b;
+        partition(n, nt, thread_id(), &a, &b, 64);
+        a += lo;
+        b += lo;
+        if (b > a) {
+          if (opt.optimizer == OptimizerKind::AdamW) {
+            const double bc1 = 1.0 - std::pow(opt.beta1, static_cast<double>(t));
+            const double bc2 = 1.0 - std::pow(opt.beta2, static_cast<double>(t));
+            adamw_update(params + a, grad + a, m.data() + a, v.data() + a, b - a,
+                         static_cast<float>(lr), wd, static_cast<float>(opt.beta1),
+                         static_cast<float>(opt.beta2), static_cast<float>(opt.eps),
+                         static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)));
+          } else {
+            sgd_update(params + a, grad + a, m.empty() ? nullptr : m.data() + a, b - a,
+                       static_cast<float>(lr), wd, static_cast<float>(opt.momentum),
+                       static_cast<float>(opt.dampening), opt.nesterov, t == 1);
+          }
+        }
+      }
+      (void)nt;
+    };
+    for (auto& r : wr) run(r.first, r.second, static_cast<float>(opt.weight_decay));
+    for (auto& r : br) run(r.first, r.second, 0.0f);
+  }
+};
+
+/// Mean loss (same criterion as training) and accuracy over a whole feature matrix.
+void evaluate(const HeadSpec& spec, const float* params, const Matrix& X, const int64_t* labels,
+              const LossSpec& loss, Workspace& ws, std::vector<float>& logits, int n_threads,
+              double* mean_loss, double* accuracy) {
+  const int64_t C = spec.classes;
+  const int64_t chunk = 1024;
+  logits.resize(static_cast<size_t>(chunk) * C);
+  double lsum = 0.0, wsum = 0.0;
+  int64_t correct = 0;
+  for (int64_t s = 0; s < X.rows; s += chunk) {
+    const int64_t n = std::min(chunk, X.rows - s);
+    forward_logits(spec, params, X, s, n, logits.data(), ws, n_threads);
+    for (int64_t r = 0; r < n; ++r) {
+      bool ok;
+      lsum += ce_row_loss(logits.data() + r * C, C, labels[s + r], loss, &ok);
+      wsum += loss.weight(labels[s + r]);
+      correct += ok;
+    }
+  }
+  *mean_loss = wsum > 0 ? lsum / wsum : 0.0;
+  *accuracy = static_cast<double>(correct) / static_cast<double>(X.rows);
+}
+
+}  // namespace
+
+TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
+                       const int64_t* labels, const Matrix* val_X, const int64_t* val_labels,
+                       const LossSpec& loss, const TrainOptions& opt,
+                       const EpochCallback& on_epoch, const InterruptCheck& interrupted) {
+  using clock = std::chrono::steady_clock;
+  const int nt = resolve_threads(opt.n_threads);
+  const int64_t N = X.rows;
+  const int64_t P = spec.num_params();
+  const int64_t B = std::min<int64_t>(opt.batch_size, N);
+  const int64_t steps_per_epoch = opt.drop_last ? std::max<int64_t>(1, N / B) : (N + B - 1) / B;
+  const int64_t total_steps = steps_per_epoch * opt.epochs;
+
+  std::vector<int64_t> order(N);
+  std::vector<float> grad(P);
+  std::vector<float> best_params;
+  std::vector<float> eval_logits;
+  Workspace ws;
+  Optimizer optimizer(spec, opt, nt);
+
+  TrainResult res;
+  double best_val = std::numeric_limits<double>::infinity();
+  int64_t since_best = 0;
+  int64_t step = 0;
+  const bool early_stopping = opt.patience > 0 && val_X != nullptr;
+
+  for (int64_t epoch = 0; epoch < opt.epochs; ++epoch) {
+    const auto t0 = clock::now();
+    if (opt.shuffle) {
+      epoch_permutation(opt.seed, epoch, N, order.data());
+    } else {
+      for (int64_t i = 0; i < N; ++i) order[i] = i;
+    }
+    double loss_sum = 0.0;
+    int64_t correct = 0, seen = 0;
+    double lr = opt.lr;
+    for (int64_t s = 0; s < steps_per_epoch; ++s) {
+      const int64_t begin = s * B;
+      const int64_t count = std::min(B, N - begin);
+      const int64_t* idx = order.data() + begin;
+      double wsum = 0.0;
+      if (loss.class_weights) {
+        for (int64_t r = 0; r < count; ++r) wsum += loss.class_weights[labels[idx[r]]];
+      } else {
+        wsum = static_cast<double>(count);
+      }
+      DropoutSpec drop{opt.dropout, hash_combine(opt.seed ^ 0xd509u, static_cast<uint64_t>(step))};
+      BatchResult br = loss_grad(spec, params, X, idx, 0, count, labels, loss, 1.0 / wsum, drop,
+                                 grad.data(), false, opt.kernel, ws, nt);
+      lr = opt.lr * lr_factor(opt, step, total_steps, steps_per_epoch);
+      optimizer.step(params, grad.data(), lr);
+      loss_sum += br.loss_sum * static_cast<double>(count);
+      correct += br.correct;
+      seen += count;
+      ++step;
+      if ((step & 63) == 0 && interrupted && interrupted()) {
+        res.interrupted = true;
+        res.steps = step;
+        res.epochs_run = epoch;
+        return res;
+      }
+    }
+    EpochStats st;
+    st.epoch = epoch;
+    st.train_loss = loss_sum / static_cast<double>(std::max<int64_t>(1, seen));
+    st.train_accuracy = static_cast<double>(correct) / static_cast<double>(std::max<int64_t>(1, seen));
+    st.lr = lr;
+    st.steps = step;
+    if (val_X) {
+      evaluate(spec, params, *val_X, val_labels, loss, ws, eval_logits, nt, &st.val_loss,
+               &st.val_accuracy);
+      st.has_val = true;
+    }
+    st.seconds = std::chrono::duration<double>(clock::now() - t0).count();
+    res.epochs_run = epoch + 1;
+    res.steps = step;
+
+    bool stop = false;
+    if (early_stopping) {
+      if (st.val_loss < best_val - opt.min_delta) {
+        best_val = st.val_loss;
+        best_params.assign(params, params + P);
+        res.best_epoch = epoch;
+        since_best = 0;
+      } else if (++since_best >= opt.patience) {
+        res.stopped_early = true;
+        stop = true;
+      }
+    }
+    if (on_epoch && !on_epoch(st)) {
+      res.stopped_by_callback = true;
+      stop = true;
+    }
+    if (interrupted && interrupted()) {
+      res.interrupted = true;
+      return res;
+    }
+    if (stop) break;
+  }
+  if (early_stopping && !best_params.empty()) std::copy(best_params.begin(), best_params.end(), params);
+  return res;
+}
+
+}  // namespace cpu
+}  // namespace pyft
