@@ -176,7 +176,8 @@ py::dict epoch_dict(const EpochStats& st) {
 
 py::dict train_head_py(py::array params, py::array features, py::array labels,
                        const std::string& head, int64_t num_classes, int64_t hidden_size,
-                       const std::string& activation, std::optional<py::array> val_features,
+                       const std::string& activation, std::optional<py::array> train_rows,
+                       std::optional<py::array> val_features,
                        std::optional<py::array> val_labels, bool bfloat16,
                        std::optional<py::array> class_weights, double label_smoothing,
                        const std::string& optimizer, double lr, double weight_decay,
@@ -190,6 +191,16 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
   HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
   float* p = params_ptr(params, spec.num_params());
   auto y = to_labels(labels, "labels", X.rows);
+  RowSubset subset;
+  py::array_t<int64_t> rows_arr;
+  if (train_rows) {
+    PYFT_CHECK(train_rows->ndim() == 1 && (train_rows->dtype().kind() == 'i' || train_rows->dtype().kind() == 'u'),
+               "train_rows must be a 1-D integer array of row indices; got %d-D %s",
+               (int)train_rows->ndim(), dtype_str(*train_rows).c_str());
+    rows_arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(*train_rows);
+    subset.rows = rows_arr.data();
+    subset.count = rows_arr.shape(0);
+  }
   std::optional<Matrix> Xv;
   py::array_t<int64_t> yv;
   PYFT_CHECK(val_features.has_value() == val_labels.has_value(),
@@ -258,7 +269,7 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
   TrainResult res;
   {
     py::gil_scoped_release release;
-    res = train_head(spec, p, X, y.data(), Xv ? &*Xv : nullptr, Xv ? yv.data() : nullptr,
+    res = train_head(spec, p, X, y.data(), subset, Xv ? &*Xv : nullptr, Xv ? yv.data() : nullptr,
                      loss.spec, opt, on_epoch, interrupted);
   }
   slot.rethrow();
@@ -386,7 +397,8 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("train_head", &train_head_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
         "head"_a = "linear", "num_classes"_a, "hidden_size"_a = 0, "activation"_a = "relu",
-        "val_features"_a = py::none(), "val_labels"_a = py::none(), "bfloat16"_a = false,
+        "train_rows"_a = py::none(), "val_features"_a = py::none(), "val_labels"_a = py::none(),
+        "bfloat16"_a = false,
         "class_weights"_a = py::none(), "label_smoothing"_a = 0.0, "optimizer"_a = "adamw",
         "lr"_a = 1e-3, "weight_decay"_a = 0.0, "momentum"_a = 0.0, "dampening"_a = 0.0,
         "nesterov"_a = false, "beta1"_a = 0.9, "beta2"_a = 0.999, "eps"_a = 1e-8,

@@ -106,8 +106,8 @@ double lr_factor(const TrainOptions& opt, int64_t step, int64_t total, int64_t s
 }
 
 TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
-                       const int64_t* labels, const Matrix* val_X, const int64_t* val_labels,
-                       const LossSpec& loss, const TrainOptions& opt,
+                       const int64_t* labels, const RowSubset& subset, const Matrix* val_X,
+                       const int64_t* val_labels, const LossSpec& loss, const TrainOptions& opt,
                        const EpochCallback& on_epoch, const InterruptCheck& interrupted) {
   check_spec(spec);
   check_options(opt);
@@ -115,6 +115,14 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
   PYFT_CHECK(params != nullptr, "params is missing");
   check_features(X, spec, "features", opt.n_threads);
   check_labels(labels, X.rows, spec.classes, "labels");
+  if (subset.rows) {
+    PYFT_CHECK(subset.count >= 1, "train_rows must select at least 1 row; got %lld",
+               (long long)subset.count);
+    for (int64_t i = 0; i < subset.count; ++i)
+      PYFT_CHECK(subset.rows[i] >= 0 && subset.rows[i] < X.rows,
+                 "train_rows must be in [0, %lld); got %lld at index %lld", (long long)X.rows,
+                 (long long)subset.rows[i], (long long)i);
+  }
   if (val_X) {
     check_features(*val_X, spec, "val_features", opt.n_threads);
     check_labels(val_labels, val_X->rows, spec.classes, "val_labels");
@@ -130,7 +138,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
                  "weight 0",
                  (long long)labels[i]);
   }
-  return cpu::train_head(spec, params, X, labels, val_X, val_labels, loss, opt, on_epoch,
+  return cpu::train_head(spec, params, X, labels, subset, val_X, val_labels, loss, opt, on_epoch,
                          interrupted);
 }
 

@@ -70,11 +70,18 @@ using InterruptCheck = std::function<bool()>;
 /// Learning-rate multiplier at optimizer step `step` (0-based) of `total` steps.
 double lr_factor(const TrainOptions& opt, int64_t step, int64_t total, int64_t steps_per_epoch);
 
+/// Rows of X that form the training set: rows[0..count), or all of X when rows is null. Lets a
+/// caller hold out a validation split of a memmap without copying the training part.
+struct RowSubset {
+  const int64_t* rows = nullptr;
+  int64_t count = 0;
+};
+
 /// Validates all inputs (std::invalid_argument on error), then trains `params` in place.
 /// labels: X.rows integers in [0, C); val_X / val_labels may be null.
 TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
-                       const int64_t* labels, const Matrix* val_X, const int64_t* val_labels,
-                       const LossSpec& loss, const TrainOptions& opt,
+                       const int64_t* labels, const RowSubset& subset, const Matrix* val_X,
+                       const int64_t* val_labels, const LossSpec& loss, const TrainOptions& opt,
                        const EpochCallback& on_epoch, const InterruptCheck& interrupted);
 
 // Shared validation helpers (also used by the L-BFGS and predict ops).
@@ -85,7 +92,8 @@ void check_loss(const LossSpec& loss, int64_t classes);
 
 namespace cpu {
 TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
-                       const int64_t* labels, const Matrix* val_X, const int64_t* val_labels,
+                       const int64_t* labels, const RowSubset& subset, const Matrix* val_X,
+                       const int64_t* val_labels,
                        const LossSpec& loss, const TrainOptions& opt,
                        const EpochCallback& on_epoch, const InterruptCheck& interrupted);
 }  // namespace cpu

@@ -127,12 +127,12 @@ void evaluate(const HeadSpec& spec, const float* params, const Matrix& X, const 
 }  // namespace
 
 TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
-                       const int64_t* labels, const Matrix* val_X, const int64_t* val_labels,
-                       const LossSpec& loss, const TrainOptions& opt,
+                       const int64_t* labels, const RowSubset& subset, const Matrix* val_X,
+                       const int64_t* val_labels, const LossSpec& loss, const TrainOptions& opt,
                        const EpochCallback& on_epoch, const InterruptCheck& interrupted) {
   using clock = std::chrono::steady_clock;
   const int nt = resolve_threads(opt.n_threads);
-  const int64_t N = X.rows;
+  const int64_t N = subset.rows ? subset.count : X.rows;
   const int64_t P = spec.num_params();
   const int64_t B = std::min<int64_t>(opt.batch_size, N);
   const int64_t steps_per_epoch = opt.drop_last ? std::max<int64_t>(1, N / B) : (N + B - 1) / B;
@@ -158,6 +158,8 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
     } else {
       for (int64_t i = 0; i < N; ++i) order[i] = i;
     }
+    if (subset.rows)
+      for (int64_t i = 0; i < N; ++i) order[i] = subset.rows[order[i]];
     double loss_sum = 0.0;
     int64_t correct = 0, seen = 0;
     double lr = opt.lr;

@@ -1,0 +1,577 @@
+"""Classification heads trained by the native core, as a scikit-learn estimator.
+
+:class:`HeadClassifier` is what a user fits on cached backbone features: a linear head
+(softmax regression) or a one-hidden-layer MLP, trained in one native call. It follows the
+scikit-learn estimator contract (``fit`` / ``predict`` / ``predict_proba`` / ``score``,
+``get_params`` / ``set_params``, ``classes_``) and passes scikit-learn's estimator checks.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from pyft import _core
+from pyft._arrays import as_feature_array
+
+__all__ = ["HeadClassifier", "init_head_params", "head_param_count"]
+
+_SOLVERS = ("auto", "lbfgs", "sgd", "adamw")
+_HEADS = ("linear", "mlp")
+_ACTIVATIONS = ("relu", "gelu")
+_SCHEDULES = ("constant", "cosine", "step")
+
+
+def head_param_count(head: str, in_features: int, num_classes: int, hidden_size: int = 0) -> int:
+    """Length of the flat parameter vector of a head (see :func:`init_head_params`)."""
+    if head == "linear":
+        return num_classes * in_features + num_classes
+    return hidden_size * in_features + hidden_size + num_classes * hidden_size + num_classes
+
+
+def init_head_params(
+    head: str, in_features: int, num_classes: int, hidden_size: int = 0, seed: int = 0
+) -> np.ndarray:
+    """PyTorch ``nn.Linear`` default initialisation, as one flat float32 vector.
+
+    Layout: ``linear``: W (C*D) | b (C); ``mlp``: W1 (H*D) | b1 (H) | W2 (C*H) | b2 (C), row-major,
+    so ``W = params[:C*D].reshape(C, D)`` is ``nn.Linear(D, C).weight``. Every weight and bias is
+    drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    layers = (
+        [(in_features, num_classes)]
+        if head == "linear"
+        else [(in_features, hidden_size), (hidden_size, num_classes)]
+    )
+    for fan_in, fan_out in layers:
+        bound = 1.0 / np.sqrt(fan_in)
+        parts.append(rng.uniform(-bound, bound, size=fan_out * fan_in))
+        parts.append(rng.uniform(-bound, bound, size=fan_out))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, low=None, high=None, low_open=False, integer=False):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        op = ">" if low_open else ">="
+        raise ValueError(f"{name} must be {op} {low}; got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}; got {value!r}")
+
+
+class HeadClassifier(ClassifierMixin, BaseEstimator):
+    """A classification head on fixed features, trained by pyft's native core.
+
+    Parameters
+    ----------
+    head : {"linear", "mlp"}, default="linear"
+        Softmax regression, or an MLP with one hidden layer.
+    hidden_size : int, default=256
+        Width of the MLP's hidden layer (ignored for ``head="linear"``).
+    activation : {"relu", "gelu"}, default="relu"
+        Hidden activation of the MLP (GELU is the exact, erf-based one).
+    dropout : float, default=0.0
+        Dropout on the MLP's hidden layer during training.
+    solver : {"auto", "lbfgs", "sgd", "adamw"}, default="auto"
+        ``"lbfgs"``: full-batch L-BFGS with L2 (linear head only; the linear-probe standard,
+        same objective as ``LogisticRegression``). ``"sgd"``/``"adamw"``: mini-batch training.
+        ``"auto"`` picks L-BFGS for the linear head and AdamW for the MLP.
+    C : float, default=1.0
+        Inverse L2 strength for L-BFGS, as in ``LogisticRegression`` (the penalty is
+        ``||W||^2 / (2 C n)`` on the mean loss; biases are not penalised).
+    lr : float or None, default=None
+        Peak learning rate of SGD/AdamW; ``None`` means 0.1 for SGD and 1e-3 for AdamW.
+    weight_decay : float, default=1e-4
+        SGD: L2 added to the gradient; AdamW: decoupled decay. Never applied to biases.
+    momentum, nesterov, beta1, beta2, eps
+        Optimizer settings with PyTorch's meaning (``momentum=0.9`` is SGD's default here).
+    epochs : int, default=30
+        Passes over the data for SGD/AdamW.
+    batch_size : int, default=256
+    schedule : {"cosine", "constant", "step"}, default="cosine"
+        Learning-rate schedule, per optimizer step; ``warmup_epochs`` of linear warm-up first.
+    warmup_epochs : float, default=0.0
+    min_lr_ratio : float, default=0.0
+        Floor of the cosine schedule as a fraction of ``lr``.
+    step_size : int, default=10
+        Epochs between decays of the step schedule (factor ``gamma``).
+    gamma : float, default=0.1
+    label_smoothing : float, default=0.0
+    class_weight : dict, "balanced" or None, default=None
+        Per-class loss weights, as in scikit-learn.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data (stratified) and stop after
+        ``patience`` epochs without improving the validation loss by ``min_delta``; the best
+        epoch's weights are kept. ``fit(X_val=..., y_val=...)`` supplies an explicit split.
+    validation_fraction : float, default=0.1
+    patience : int, default=5
+    min_delta : float, default=0.0
+    max_iter : int, default=1000
+        L-BFGS iterations.
+    tol : float, default=1e-4
+        L-BFGS stops when the largest gradient entry is below ``tol``.
+    random_state : int or None, default=None
+        Seed for initialisation, shuffling, dropout and the validation split. For a fixed seed
+        and thread count, training is deterministic.
+    n_threads : int or None, default=None
+        CPU threads; ``None`` uses all that OpenMP reports.
+    callback : callable or None, default=None
+        Called with a dict of per-epoch metrics (``epoch``, ``train_loss``, ``train_accuracy``,
+        ``lr``, ``val_loss``, ``val_accuracy``, ``seconds``) or, for L-BFGS, per iteration
+        (``iteration``, ``objective``, ``grad_max``). Return ``False`` to stop early.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    coef_ : ndarray of shape (n_classes, n_features)
+        Linear head only (multinomial: one row per class, also for two classes).
+    intercept_ : ndarray of shape (n_classes,)
+        Linear head only.
+    params_ : ndarray of float32
+        All trained parameters, flat (layout in :func:`init_head_params`).
+    n_features_in_ : int
+    n_iter_ : int
+        Epochs run (SGD/AdamW) or L-BFGS iterations.
+    history_ : list of dict
+        Per-epoch (or per-iteration) metrics.
+    solver_ : str
+        The solver actually used.
+    """
+
+    def __init__(
+        self,
+        head: str = "linear",
+        hidden_size: int = 256,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        solver: str = "auto",
+        C: float = 1.0,
+        lr: Optional[float] = None,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        epochs: int = 30,
+        batch_size: int = 256,
+        schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        step_size: int = 10,
+        gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+        class_weight=None,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        patience: int = 5,
+        min_delta: float = 0.0,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        random_state: Optional[int] = None,
+        n_threads: Optional[int] = None,
+        callback: Optional[Callable[[Dict[str, Any]], Any]] = None,
+        verbose: bool = False,
+    ):
+        self.head = head
+        self.hidden_size = hidden_size
+        self.activation = activation
+        self.dropout = dropout
+        self.solver = solver
+        self.C = C
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.schedule = schedule
+        self.warmup_epochs = warmup_epochs
+        self.min_lr_ratio = min_lr_ratio
+        self.step_size = step_size
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.class_weight = class_weight
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.min_delta = min_delta
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.callback = callback
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ validation helpers
+
+    def _validate_params_(self) -> str:
+        _check_choice("head", self.head, _HEADS)
+        _check_choice("activation", self.activation, _ACTIVATIONS)
+        _check_choice("solver", self.solver, _SOLVERS)
+        _check_choice("schedule", self.schedule, _SCHEDULES)
+        solver = self.solver
+        if solver == "auto":
+            solver = "lbfgs" if self.head == "linear" else "adamw"
+        if solver == "lbfgs" and self.head != "linear":
+            raise ValueError("solver='lbfgs' trains the linear head only; use 'sgd' or 'adamw' "
+                             f"for head={self.head!r}")
+        if self.head == "mlp":
+            _check_number("hidden_size", self.hidden_size, low=1, integer=True)
+        _check_number("dropout", self.dropout, low=0.0)
+        if self.dropout >= 1.0:
+            raise ValueError(f"dropout must be < 1; got {self.dropout!r}")
+        _check_number("C", self.C, low=0.0, low_open=True)
+        if self.lr is not None:
+            _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("momentum", self.momentum, low=0.0)
+        _check_number("epochs", self.epochs, low=1, integer=True)
+        _check_number("batch_size", self.batch_size, low=1, integer=True)
+        _check_number("warmup_epochs", self.warmup_epochs, low=0.0)
+        _check_number("label_smoothing", self.label_smoothing, low=0.0)
+        if self.label_smoothing >= 1.0:
+            raise ValueError(f"label_smoothing must be < 1; got {self.label_smoothing!r}")
+        _check_number("validation_fraction", self.validation_fraction, low=0.0, low_open=True)
+        if self.validation_fraction >= 1.0:
+            raise ValueError(
+                f"validation_fraction must be < 1; got {self.validation_fraction!r}"
+            )
+        _check_number("patience", self.patience, low=1, integer=True)
+        _check_number("max_iter", self.max_iter, low=1, integer=True)
+        _check_number("tol", self.tol, low=0.0)
+        if self.n_threads is not None:
+            _check_number("n_threads", self.n_threads, low=1, integer=True)
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(f"callback must be callable; got {type(self.callback).__name__}")
+        return solver
+
+    def _features(self, X, *, reset: bool):
+        """Validate X without copying float data; returns (array, is_bfloat16)."""
+        arr, bf16 = as_feature_array(X) if _is_special_float(X) else (None, False)
+        if arr is not None:
+            # bfloat16 / torch input: scikit-learn's validation cannot read it; check here.
+            n_features = arr.shape[1]
+            if reset:
+                self.n_features_in_ = n_features
+            elif n_features != self.n_features_in_:
+                raise ValueError(
+                    f"X has {n_features} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input"
+                )
+            if arr.shape[0] < 1:
+                raise ValueError(f"Found array with 0 sample(s) (shape={arr.shape})")
+            return arr, bf16
+        X = validate_data(
+            self,
+            X,
+            reset=reset,
+            dtype=[np.float32, np.float64, np.float16],
+            ensure_all_finite=False,  # the native core checks, without a float64 temporary
+        )
+        return as_feature_array(X)
+
+    def _class_weights(self, y_enc: np.ndarray) -> Optional[np.ndarray]:
+        cw = self.class_weight
+        if cw is None:
+            return None
+        from sklearn.utils.class_weight import compute_class_weight
+
+        if isinstance(cw, str) and cw != "balanced":
+            raise ValueError(f"class_weight must be a dict, 'balanced' or None; got {cw!r}")
+        if not isinstance(cw, (str, dict)):
+            raise TypeError(
+                f"class_weight must be a dict, 'balanced' or None; got {type(cw).__name__}"
+            )
+        w = compute_class_weight(cw, classes=self.classes_, y=self.classes_[y_enc])
+        return np.asarray(w, dtype=np.float32)
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Train the head.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            float32, float16, bfloat16 (ml_dtypes or torch) or float64; NumPy arrays,
+            ``np.memmap`` and CPU torch tensors are read in place (never copied whole), with
+            any strides.
+        y : array-like of shape (n_samples,)
+            Class labels of any type.
+        X_val, y_val : optional validation split
+            Per-epoch validation metrics and, with ``early_stopping``, the stopping criterion.
+
+        Returns
+        -------
+        self
+        """
+        solver = self._validate_params_()
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None"
+            )
+        X_arr, bf16 = self._features(X, reset=True)
+        y = _labels_1d(y, X_arr.shape[0])
+        check_classification_targets(y)
+        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in the data; got 1 "
+                f"class: {self.classes_[0]!r}"
+            )
+        y_enc = y_enc.astype(np.int64).ravel()
+        num_classes = len(self.classes_)
+        n_features = X_arr.shape[1]
+        class_weights = self._class_weights(y_enc)
+        seed = (
+            int(np.random.randint(0, 2**31 - 1))
+            if self.random_state is None
+            else int(np.random.RandomState(self.random_state).randint(0, 2**31 - 1))
+            if not isinstance(self.random_state, numbers.Integral)
+            else int(self.random_state)
+        )
+        n_threads = 0 if self.n_threads is None else int(self.n_threads)
+        hidden = int(self.hidden_size) if self.head == "mlp" else 0
+        params = init_head_params(self.head, n_features, num_classes, hidden, seed)
+
+        if solver == "lbfgs":
+            if X_val is not None or self.early_stopping:
+                warnings.warn(
+                    "validation data and early_stopping are ignored by solver='lbfgs' "
+                    "(full-batch; regularise with C instead)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._fit_lbfgs(params, X_arr, bf16, y_enc, num_classes, class_weights, n_threads)
+        else:
+            self._fit_minibatch(
+                solver, params, X_arr, bf16, y_enc, num_classes, class_weights, n_threads,
+                hidden, seed, X_val, y_val,
+            )
+        self.params_ = params
+        self.solver_ = solver
+        if self.head == "linear":
+            self.coef_ = params[: num_classes * n_features].reshape(num_classes, n_features)
+            self.intercept_ = params[num_classes * n_features:]
+        return self
+
+    def _progress(self, total: int, unit: str):
+        if not self.verbose:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit=unit, desc=f"pyft {self.head} head")
+
+    def _fit_lbfgs(self, params, X, bf16, y, num_classes, class_weights, n_threads):
+        n = X.shape[0]
+        weight_sum = float(class_weights[y].sum()) if class_weights is not None else float(n)
+        history: List[Dict[str, Any]] = []
+        bar = self._progress(int(self.max_iter), "it")
+        user_cb = self.callback
+
+        def on_iter(info):
+            history.append(info)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(objective=f"{info['objective']:.5g}")
+            if user_cb is not None:
+                return user_cb(info)
+            return True
+
+        try:
+            res = _core.train_head_lbfgs(
+                params, X, y, num_classes=num_classes, bfloat16=bf16,
+                class_weights=class_weights, label_smoothing=float(self.label_smoothing),
+                l2=1.0 / (float(self.C) * weight_sum), max_iter=int(self.max_iter),
+                tol=float(self.tol), n_threads=n_threads, callback=on_iter,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if not res["converged"] and res["message"] == "reached max_iter":
+            warnings.warn(
+                f"L-BFGS did not converge in max_iter={self.max_iter} iterations (largest "
+                f"gradient entry {res['grad_max']:.3g} > tol={self.tol}); increase max_iter",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        self.n_iter_ = max(1, int(res["iterations"]))
+        self.history_ = history
+        self.objective_ = float(res["objective"])
+        self.converged_ = bool(res["converged"])
+
+    def _fit_minibatch(self, solver, params, X, bf16, y, num_classes, class_weights, n_threads,
+                       hidden, seed, X_val, y_val):
+        n = X.shape[0]
+        train_rows = None
+        val_X = val_y = None
+        if X_val is not None or y_val is not None:
+            if X_val is None or y_val is None:
+                raise ValueError("X_val and y_val must be given together")
+            val_X, val_bf16 = self._features(X_val, reset=False)
+            if val_bf16 != bf16:
+                raise ValueError("X_val must have the same dtype family as X (bfloat16 or not)")
+            val_y = self._encode(_labels_1d(y_val, val_X.shape[0], name="y_val"), name="y_val")
+        elif self.early_stopping:
+            train_rows, val_rows = _holdout(y, float(self.validation_fraction), seed)
+            val_X = np.ascontiguousarray(X[val_rows])  # the held-out rows only
+            val_y = y[val_rows]
+            n = len(train_rows)
+        batch = min(int(self.batch_size), n)
+        steps_per_epoch = -(-n // batch)
+        lr = self.lr if self.lr is not None else (0.1 if solver == "sgd" else 1e-3)
+        history: List[Dict[str, Any]] = []
+        bar = self._progress(int(self.epochs), "epoch")
+        user_cb = self.callback
+
+        def on_epoch(info):
+            history.append(info)
+            if bar is not None:
+                bar.update(1)
+                post = {"loss": f"{info['train_loss']:.4f}"}
+                if "val_loss" in info:
+                    post["val_loss"] = f"{info['val_loss']:.4f}"
+                bar.set_postfix(post)
+            if user_cb is not None:
+                return user_cb(info)
+            return True
+
+        try:
+            res = _core.train_head(
+                params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
+                activation=self.activation, train_rows=train_rows, val_features=val_X,
+                val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
+                label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
+                weight_decay=float(self.weight_decay),
+                momentum=float(self.momentum) if solver == "sgd" else 0.0,
+                nesterov=bool(self.nesterov), beta1=float(self.beta1), beta2=float(self.beta2),
+                eps=float(self.eps), schedule=self.schedule,
+                warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
+                min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
+                gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch,
+                seed=seed, dropout=float(self.dropout),
+                patience=int(self.patience) if (self.early_stopping and val_X is not None) else 0,
+                min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        self.n_iter_ = int(res["epochs_run"])
+        self.history_ = history
+        self.best_epoch_ = int(res["best_epoch"])
+        self.stopped_early_ = bool(res["stopped_early"])
+
+    def _encode(self, y, name="y"):
+        index = {c: i for i, c in enumerate(self.classes_.tolist())}
+        try:
+            return np.array([index[v] for v in np.asarray(y).tolist()], dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(
+                f"{name} contains label {exc.args[0]!r} not seen in y; known classes: "
+                f"{self.classes_.tolist()}"
+            ) from None
+
+    # ------------------------------------------------------------------ inference
+
+    def _native_predict(self, X, output: str):
+        check_is_fitted(self, "params_")
+        X_arr, bf16 = self._features(X, reset=False)
+        return _core.predict(
+            self.params_, X_arr, head=self.head, num_classes=len(self.classes_),
+            hidden_size=int(self.hidden_size) if self.head == "mlp" else 0,
+            activation=self.activation, bfloat16=bf16, output=output,
+            n_threads=0 if self.n_threads is None else int(self.n_threads),
+        )
+
+    def decision_function(self, X):
+        """Logits, shape (n_samples, n_classes); for two classes, logit(1) - logit(0), shape
+        (n_samples,), as scikit-learn's binary classifiers return."""
+        z = self._native_predict(X, "logits")
+        if z.shape[1] == 2:
+            return z[:, 1] - z[:, 0]
+        return z
+
+    def predict_proba(self, X):
+        """Softmax probabilities, shape (n_samples, n_classes), float32."""
+        return self._native_predict(X, "proba")
+
+    def predict_log_proba(self, X):
+        z = self._native_predict(X, "logits").astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    def predict(self, X):
+        """Class labels (values of ``classes_``)."""
+        return self.classes_[self._native_predict(X, "labels")]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
+
+
+def _is_special_float(X) -> bool:
+    """bfloat16 arrays and torch tensors bypass scikit-learn's validation (it cannot read them)."""
+    if type(X).__module__.startswith("torch"):
+        return True
+    dtype = getattr(X, "dtype", None)
+    return getattr(dtype, "name", None) == "bfloat16"
+
+
+def _labels_1d(y, n: int, name: str = "y") -> np.ndarray:
+    from sklearn.utils.validation import column_or_1d
+
+    if type(y).__module__.startswith("torch"):
+        y = y.detach().cpu().numpy()
+    y = column_or_1d(y, warn=True)
+    if y.shape[0] != n:
+        raise ValueError(
+            f"{name} must have one label per sample ({n}); got {y.shape[0]} labels"
+        )
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise ValueError(f"Input {name} contains NaN or infinity.")
+    return y
+
+
+def _holdout(y: np.ndarray, fraction: float, seed: int):
+    """Stratified train/validation row split (indices into X)."""
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    n_val = max(1, int(round(fraction * len(y))))
+    if n_val >= len(y):
+        raise ValueError(
+            f"validation_fraction={fraction} leaves no training data for {len(y)} samples"
+        )
+    try:
+        tr, va = train_test_split(rows, test_size=n_val, random_state=seed, stratify=stratify)
+    except ValueError:  # too few samples per class to stratify
+        tr, va = train_test_split(rows, test_size=n_val, random_state=seed, stratify=None)
+    return np.sort(tr).astype(np.int64), np.sort(va).astype(np.int64)
