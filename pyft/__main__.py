@@ -1,0 +1,5 @@
+import sys
+
+from pyft.cli import main
+
+sys.exit(main())
