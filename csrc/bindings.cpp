@@ -455,7 +455,7 @@ whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch 
   m.def("blas_config", []() { return std::string(blas_config()); }, "OpenBLAS build configuration.");
   m.def("cuda_version", []() {
 #if defined(PYFT_WITH_CUDA)
-    return 0;  // CUDA kernels are not built yet; the option only validates the toolchain.
+    return PYFT_CUDA_VERSION;  // toolkit version, e.g. 13000 (the kernels arrive in a later change)
 #else
     return -1;
 #endif
