@@ -69,10 +69,9 @@ def split_decay(model: nn.Module):
 
 
 def np_gelu(x: np.ndarray) -> np.ndarray:
-    from math import erf
+    from scipy.special import erf
 
-    verf = np.vectorize(erf, otypes=[np.float64])
-    return 0.5 * x * (1.0 + verf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
 def np_logits(params: np.ndarray, X: np.ndarray, head: str, C: int, H: int = 0,

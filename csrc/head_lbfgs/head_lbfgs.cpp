@@ -12,8 +12,6 @@ namespace {
 void check_common(const HeadSpec& spec, const float* params, const Matrix& X,
                   const int64_t* labels, const LossSpec& loss, double l2, int n_threads) {
   check_spec(spec);
-  PYFT_CHECK(spec.kind == HeadKind::Linear,
-             "the L-BFGS solver trains the linear head only; use SGD or AdamW for the MLP head");
   PYFT_CHECK(params != nullptr, "params is missing");
   PYFT_CHECK(std::isfinite(l2) && l2 >= 0.0, "l2 must be a finite number >= 0; got %g", l2);
   check_loss(loss, spec.classes);
@@ -30,6 +28,8 @@ void check_common(const HeadSpec& spec, const float* params, const Matrix& X,
 LbfgsResult train_head_lbfgs(const HeadSpec& spec, float* params, const Matrix& X,
                              const int64_t* labels, const LossSpec& loss, const LbfgsOptions& opt,
                              const LbfgsCallback& on_iter, const InterruptCheck& interrupted) {
+  PYFT_CHECK(spec.kind == HeadKind::Linear,
+             "the L-BFGS solver trains the linear head only; use SGD or AdamW for the MLP head");
   check_common(spec, params, X, labels, loss, opt.l2, opt.n_threads);
   PYFT_CHECK(opt.max_iter >= 1, "max_iter must be >= 1; got %lld", (long long)opt.max_iter);
   PYFT_CHECK(std::isfinite(opt.tol) && opt.tol >= 0.0, "tol must be >= 0; got %g", opt.tol);

@@ -33,14 +33,16 @@ void sgd_update(float* __restrict p, const float* __restrict g, float* __restric
 
 PYFT_MULTIVERSION
 void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m,
-                  float* __restrict v, int64_t n, float lr, float wd, float beta1, float beta2,
-                  float eps, float step_size, float bc2_sqrt) {
+                  float* __restrict v, int64_t n, float lr, float wd, float one_minus_beta1,
+                  float beta2, float one_minus_beta2, float eps, float step_size,
+                  float bc2_sqrt) {
   const float decay = 1.0f - lr * wd;
   for (int64_t i = 0; i < n; ++i) {
-    // Same operation order as torch.optim.AdamW (single-tensor path).
+    // Same operation order as torch.optim.AdamW (single-tensor path); 1 - beta is formed in
+    // double and then rounded, as torch does, not from the float-rounded beta.
     if (wd != 0.0f) p[i] *= decay;
-    m[i] += (1.0f - beta1) * (g[i] - m[i]);
-    v[i] = v[i] * beta2 + (1.0f - beta2) * g[i] * g[i];
+    m[i] += one_minus_beta1 * (g[i] - m[i]);
+    v[i] = v[i] * beta2 + one_minus_beta2 * g[i] * g[i];
     const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
     p[i] += -step_size * (m[i] / denom);
   }
@@ -84,8 +86,9 @@ struct Optimizer {
             const double bc1 = 1.0 - std::pow(opt.beta1, static_cast<double>(t));
             const double bc2 = 1.0 - std::pow(opt.beta2, static_cast<double>(t));
             adamw_update(params + a, grad + a, m.data() + a, v.data() + a, b - a,
-                         static_cast<float>(lr), wd, static_cast<float>(opt.beta1),
-                         static_cast<float>(opt.beta2), static_cast<float>(opt.eps),
+                         static_cast<float>(lr), wd, static_cast<float>(1.0 - opt.beta1),
+                         static_cast<float>(opt.beta2), static_cast<float>(1.0 - opt.beta2),
+                         static_cast<float>(opt.eps),
                          static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)));
           } else {
             sgd_update(params + a, grad + a, m.empty() ? nullptr : m.data() + a, b - a,
