@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <string>
@@ -65,24 +66,35 @@ Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
 }
 
 /// Labels as a contiguous int64 vector (labels are small; copying them is fine).
-py::array_t<int64_t> to_labels(const py::array& a, const char* name, int64_t n) {
+py::array_t<int64_t> to_labels(const py::array& a, const char* name, int64_t n,
+                               int64_t classes) {
   PYFT_CHECK(a.ndim() == 1, "%s must be a 1-D array; got %d dimension(s)", name, (int)a.ndim());
   const char kind = a.dtype().kind();
   PYFT_CHECK(kind == 'i' || kind == 'u', "%s must be an integer array of class indices; got %s",
              name, dtype_str(a).c_str());
   PYFT_CHECK(a.shape(0) == n, "%s must have one entry per feature row (%lld); got %lld", name,
              (long long)n, (long long)a.shape(0));
+  if (kind == 'u' && a.itemsize() == 8) {
+    // uint64 values >= 2**63 would wrap to negative int64: report them as given.
+    auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    const uint64_t* d = u.data();
+    for (int64_t i = 0; i < u.shape(0); ++i)
+      PYFT_CHECK(d[i] < static_cast<uint64_t>(classes), "%s must be in [0, %lld); got %llu at index %lld",
+                 name, (long long)classes, (unsigned long long)d[i], (long long)i);
+  }
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
-float* params_ptr(const py::array& p, int64_t expected) {
+float* params_ptr(const py::array& p, int64_t expected, bool writeable = true) {
   PYFT_CHECK(p.ndim() == 1 && p.dtype().kind() == 'f' && p.itemsize() == 4,
              "params must be a 1-D float32 array; got %d-D %s", (int)p.ndim(),
              dtype_str(p).c_str());
   PYFT_CHECK(p.shape(0) == expected, "params must have %lld entries for this head; got %lld",
              (long long)expected, (long long)p.shape(0));
-  PYFT_CHECK((p.flags() & py::array::c_style) && p.writeable(),
-             "params must be C-contiguous and writeable");
+  PYFT_CHECK(p.flags() & py::array::c_style, "params must be C-contiguous; got stride %lld bytes",
+             (long long)p.strides(0));
+  PYFT_CHECK(!writeable || p.writeable(),
+             "params must be writeable (they are updated in place); got a read-only array");
   return static_cast<float*>(const_cast<void*>(p.data()));
 }
 
@@ -190,7 +202,7 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
   Matrix X = to_matrix(features, "features", bfloat16);
   HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
   float* p = params_ptr(params, spec.num_params());
-  auto y = to_labels(labels, "labels", X.rows);
+  auto y = to_labels(labels, "labels", X.rows, num_classes);
   RowSubset subset;
   py::array_t<int64_t> rows_arr;
   if (train_rows) {
@@ -207,7 +219,7 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
              "val_features and val_labels must be given together");
   if (val_features) {
     Xv = to_matrix(*val_features, "val_features", bfloat16);
-    yv = to_labels(*val_labels, "val_labels", Xv->rows);
+    yv = to_labels(*val_labels, "val_labels", Xv->rows, num_classes);
   }
   WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
 
@@ -291,7 +303,7 @@ py::dict train_head_lbfgs_py(py::array params, py::array features, py::array lab
   Matrix X = to_matrix(features, "features", bfloat16);
   HeadSpec spec = make_spec("linear", X.cols, 0, num_classes, "relu");
   float* p = params_ptr(params, spec.num_params());
-  auto y = to_labels(labels, "labels", X.rows);
+  auto y = to_labels(labels, "labels", X.rows, num_classes);
   WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
   LbfgsOptions opt;
   opt.l2 = l2;
@@ -334,8 +346,8 @@ py::tuple objective_py(py::array params, py::array features, py::array labels,
                        int n_threads, const std::string& kernel) {
   Matrix X = to_matrix(features, "features", bfloat16);
   HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
-  float* p = params_ptr(params, spec.num_params());
-  auto y = to_labels(labels, "labels", X.rows);
+  const float* p = params_ptr(params, spec.num_params(), /*writeable=*/false);
+  auto y = to_labels(labels, "labels", X.rows, num_classes);
   WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
   KernelChoice kc = make_kernel(kernel);
   py::array_t<float> grad(spec.num_params());
@@ -353,7 +365,7 @@ py::array predict_py(py::array params, py::array features, const std::string& he
                      bool bfloat16, const std::string& output, int n_threads) {
   Matrix X = to_matrix(features, "features", bfloat16);
   HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
-  float* p = params_ptr(params, spec.num_params());
+  const float* p = params_ptr(params, spec.num_params(), /*writeable=*/false);
   PredictOutput what;
   if (output == "logits") {
     what = PredictOutput::Logits;
@@ -436,6 +448,15 @@ whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch 
   m.def("lr_factor",
         [](const std::string& schedule, int64_t step, int64_t total, int64_t steps_per_epoch,
            int64_t warmup_steps, double min_lr_ratio, int64_t step_size, double gamma) {
+          PYFT_CHECK(step_size >= 1, "step_size must be >= 1; got %lld", (long long)step_size);
+          PYFT_CHECK(std::isfinite(gamma) && gamma > 0.0, "gamma must be > 0; got %g", gamma);
+          PYFT_CHECK(min_lr_ratio >= 0.0 && min_lr_ratio <= 1.0,
+                     "min_lr_ratio must be in [0, 1]; got %g", min_lr_ratio);
+          PYFT_CHECK(warmup_steps >= 0, "warmup_steps must be >= 0; got %lld",
+                     (long long)warmup_steps);
+          PYFT_CHECK(step >= 0 && total >= 1 && steps_per_epoch >= 1,
+                     "step must be >= 0, total and steps_per_epoch >= 1; got %lld, %lld, %lld",
+                     (long long)step, (long long)total, (long long)steps_per_epoch);
           TrainOptions o;
           if (schedule == "constant") o.schedule = ScheduleKind::Constant;
           else if (schedule == "cosine") o.schedule = ScheduleKind::Cosine;

@@ -69,7 +69,10 @@ def _check_number(name: str, value: Any, *, low=None, high=None, low_open=False,
     if isinstance(value, bool) or not isinstance(value, kind):
         what = "an integer" if integer else "a number"
         raise TypeError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
-    if not np.isfinite(value):
+    if integer:
+        if not -(2**62) < int(value) < 2**62:
+            raise ValueError(f"{name} is out of range; got {value!r}")
+    elif not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         op = ">" if low_open else ">="
@@ -285,6 +288,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                 )
             if arr.shape[0] < 1:
                 raise ValueError(f"Found array with 0 sample(s) (shape={arr.shape})")
+            if arr.shape[1] < 1:
+                raise ValueError(f"Found array with 0 feature(s) (shape={arr.shape})")
             return arr, bf16
         X = validate_data(
             self,
@@ -307,8 +312,19 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             raise TypeError(
                 f"class_weight must be a dict, 'balanced' or None; got {type(cw).__name__}"
             )
-        w = compute_class_weight(cw, classes=self.classes_, y=self.classes_[y_enc])
-        return np.asarray(w, dtype=np.float32)
+        w = np.asarray(
+            compute_class_weight(cw, classes=self.classes_, y=self.classes_[y_enc]), dtype=np.float64
+        )
+        for c, wc in enumerate(w):
+            if not np.isfinite(wc) or wc < 0:
+                raise ValueError(
+                    f"class_weight must be finite and >= 0; got {wc!r} for class "
+                    f"{self.classes_[c]!r}"
+                )
+        if not np.any(w[y_enc] > 0):
+            raise ValueError("class_weight gives every sample a weight of zero; at least one class "
+                             "present in y needs a positive weight")
+        return w.astype(np.float32)
 
     # ------------------------------------------------------------------ fit
 
@@ -348,13 +364,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         num_classes = len(self.classes_)
         n_features = X_arr.shape[1]
         class_weights = self._class_weights(y_enc)
-        seed = (
-            int(np.random.randint(0, 2**31 - 1))
-            if self.random_state is None
-            else int(np.random.RandomState(self.random_state).randint(0, 2**31 - 1))
-            if not isinstance(self.random_state, numbers.Integral)
-            else int(self.random_state)
-        )
+        seed = _seed_from(self.random_state)
         n_threads = 0 if self.n_threads is None else int(self.n_threads)
         hidden = int(self.hidden_size) if self.head == "mlp" else 0
         params = init_head_params(self.head, n_features, num_classes, hidden, seed)
@@ -469,7 +479,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                 label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
                 weight_decay=float(self.weight_decay),
                 momentum=float(self.momentum) if solver == "sgd" else 0.0,
-                nesterov=bool(self.nesterov), beta1=float(self.beta1), beta2=float(self.beta2),
+                nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1), beta2=float(self.beta2),
                 eps=float(self.eps), schedule=self.schedule,
                 warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
                 min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
@@ -527,7 +537,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """Class labels (values of ``classes_``)."""
-        return self.classes_[self._native_predict(X, "labels")]
+        labels = self._native_predict(X, "labels")  # checks fitted state first
+        return self.classes_[labels]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -541,6 +552,25 @@ def _is_special_float(X) -> bool:
         return True
     dtype = getattr(X, "dtype", None)
     return getattr(dtype, "name", None) == "bfloat16"
+
+
+def _seed_from(random_state) -> int:
+    """A 64-bit-safe integer seed from ``random_state`` (None, int, RandomState, Generator)."""
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if not 0 <= int(random_state) < 2**32:
+            raise ValueError(f"random_state must be an integer in [0, 2**32), a "
+                             f"numpy RandomState/Generator or None; got {random_state!r}")
+        return int(random_state)
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**31 - 1))
+    from sklearn.utils import check_random_state
+
+    try:
+        rng = check_random_state(random_state)
+    except ValueError as exc:
+        raise ValueError(f"random_state must be an integer, a numpy RandomState/Generator or "
+                         f"None; got {random_state!r}") from exc
+    return int(rng.randint(0, 2**31 - 1))
 
 
 def _labels_1d(y, n: int, name: str = "y") -> np.ndarray:
