@@ -35,8 +35,9 @@ bool use_fused_kernel(const HeadSpec& spec, KernelChoice choice) {
   if (choice == KernelChoice::Blas) return false;
   // Measured on a 2-core AVX2 machine (bench/bench_head_training.py --kernels): reading each row
   // once for forward and backward beats gather + two GEMMs while C is too small to fill the
-  // GEMM micro-kernel (1.5x at C=2); from C=10 on OpenBLAS wins.
-  return spec.classes <= 4;
+  // GEMM micro-kernel (1.6-1.9x at C=2, 1.3x at C=4); at C=10 the two tie and from C=16 on
+  // OpenBLAS wins.
+  return spec.classes <= 8;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -155,6 +156,35 @@ void axpy_rows(float* __restrict g, int64_t rows, int64_t d, const float* __rest
   }
 }
 
+// exp(x) for a block, vectorizable (Cephes expf: range reduction by ln 2 and a degree-6
+// polynomial, within 2 ulp of std::exp on [-87, 88]); libm's expf does not vectorize without
+// -ffast-math. Inputs below -87 give a tiny positive value, as softmax needs.
+PYFT_MULTIVERSION
+void exp_block(const float* __restrict x, float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i];
+    v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
+    const float fx = v * 1.44269504088896341f + 0.5f;
+    int32_t k = static_cast<int32_t>(fx);
+    k -= (static_cast<float>(k) > fx) ? 1 : 0;  // floor
+    const float kf = static_cast<float>(k);
+    float r = v - kf * 0.693359375f;
+    r = r + kf * 2.12194440e-4f;
+    const float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    out[i] = p * scale;
+  }
+}
+
 inline float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
 inline float gelu_grad(float x) {
   const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678118654752f));
@@ -257,6 +287,61 @@ double ce_row_grad(float* z, int64_t C, int64_t y, const LossSpec& loss, float i
   return l;
 }
 
+namespace {
+
+/// Softmax cross-entropy for rows [0, rows) of a logits block (bias already added): z is replaced
+/// by dL/dz * inv_denom, e (rows*C) is scratch, per-row losses/correctness go to rowloss/rowok.
+void ce_block_grad(float* __restrict z, float* __restrict e, int64_t rows, int64_t C,
+                   const int64_t* labels, const int64_t* idx, int64_t start, const LossSpec& loss,
+                   float inv_denom, double* rowloss, uint8_t* rowok) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* zr = z + r * C;
+    float mx = zr[0];
+    int64_t arg = 0;
+    for (int64_t c = 1; c < C; ++c)
+      if (zr[c] > mx) {
+        mx = zr[c];
+        arg = c;
+      }
+    const int64_t y = labels[idx ? idx[r] : start + r];
+    rowok[r] = (arg == y);
+    for (int64_t c = 0; c < C; ++c) zr[c] -= mx;
+  }
+  exp_block(z, e, rows * C);
+  const float eps = loss.label_smoothing;
+  float wsum = 0.0f;
+  if (eps > 0.0f)
+    for (int64_t c = 0; c < C; ++c) wsum += loss.weight(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* zr = z + r * C;
+    const float* er = e + r * C;
+    float se = 0.0f;
+    for (int64_t c = 0; c < C; ++c) se += er[c];
+    const float lse = std::log(se);  // of the shifted logits
+    const int64_t y = labels[idx ? idx[r] : start + r];
+    const float wy = loss.weight(y);
+    double l = (1.0 - eps) * wy * static_cast<double>(lse - zr[y]);
+    const float inv_se = 1.0f / se;
+    if (eps > 0.0f) {
+      double s = 0.0;
+      for (int64_t c = 0; c < C; ++c) s += loss.weight(c) * static_cast<double>(lse - zr[c]);
+      l += eps / C * s;
+      const float A = (1.0f - eps) * wy + eps / C * wsum;
+      for (int64_t c = 0; c < C; ++c) {
+        const float a = eps / C * loss.weight(c) + (c == y ? (1.0f - eps) * wy : 0.0f);
+        zr[c] = (A * (er[c] * inv_se) - a) * inv_denom;
+      }
+    } else {
+      const float scale = wy * inv_denom;
+      for (int64_t c = 0; c < C; ++c) zr[c] = scale * (er[c] * inv_se);
+      zr[y] -= scale;
+    }
+    rowloss[r] = l;
+  }
+}
+
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // Fused linear kernel: each row is read once, for the logits and for the gradient.
 
@@ -292,10 +377,11 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     std::memset(tg, 0, sizeof(float) * G);
     double lsum = 0.0;
     int64_t ok = 0;
+    // Shuffled rows defeat the hardware prefetcher: keep the next two pairs in flight.
+    for (int64_t q = lo; q < std::min(hi, lo + 4); ++q) prefetch_row(X, idx ? idx[q] : start + q);
     for (int64_t r = lo; r < hi; r += 2) {
       const bool pair = r + 1 < hi;
-      // Shuffled rows defeat the hardware prefetcher: ask for the next pair while this one runs.
-      for (int64_t q = r + 2; q < std::min(hi, r + 4); ++q) prefetch_row(X, idx ? idx[q] : start + q);
+      for (int64_t q = r + 4; q < std::min(hi, r + 6); ++q) prefetch_row(X, idx ? idx[q] : start + q);
       const int64_t i0 = idx ? idx[r] : start + r;
       const float* x0 = row_as_f32(X, i0, buf0);
       bool correct;
@@ -425,19 +511,25 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
   const float* bo = params + spec.out_bias_offset();
   gemm(false, true, count, C, F, 1.0f, feat, ldf, Wo, F, 0.0f, z, C, n_threads);
 
-  // Loss and dL/dlogits, row-parallel; losses summed afterwards in row order.
+  // Loss and dL/dlogits in row blocks per thread; losses summed afterwards in row order.
   const float invd = static_cast<float>(inv_denom);
+  grow(ws.e, static_cast<size_t>(count) * C);
+  const int ce_threads = count * C >= 4096 ? n_threads : 1;
 #if defined(PYFT_WITH_OPENMP)
-#pragma omp parallel for num_threads(n_threads) schedule(static)
+#pragma omp parallel num_threads(ce_threads)
 #endif
-  for (int64_t r = 0; r < count; ++r) {
-    float* zr = z + r * C;
-    for (int64_t c = 0; c < C; ++c) zr[c] += bo[c];
-    const int64_t i = idx ? idx[r] : start + r;
-    bool ok;
-    ws.rowloss[r] = ce_row_grad(zr, C, labels[i], loss, invd, &ok);
-    ws.rowok[r] = ok;
+  {
+    int64_t lo, hi;
+    partition(count, ce_threads, thread_id(), &lo, &hi);
+    for (int64_t r = lo; r < hi; ++r) {
+      float* zr = z + r * C;
+      for (int64_t c = 0; c < C; ++c) zr[c] += bo[c];
+    }
+    if (hi > lo)
+      ce_block_grad(z + lo * C, ws.e.data() + lo * C, hi - lo, C, labels, idx ? idx + lo : nullptr,
+                    start + lo, loss, invd, ws.rowloss.data() + lo, ws.rowok.data() + lo);
   }
+  (void)ce_threads;
   BatchResult res;
   for (int64_t r = 0; r < count; ++r) {
     res.loss_sum += ws.rowloss[r];

@@ -53,6 +53,7 @@ struct DropoutSpec {
 struct Workspace {
   std::vector<float> x;        ///< gathered rows, B x D
   std::vector<float> logits;   ///< B x C, overwritten by dL/dlogits
+  std::vector<float> e;        ///< B x C exponentials (scratch)
   std::vector<float> hpre;     ///< B x H
   std::vector<float> hact;     ///< B x H
   std::vector<float> dh;       ///< B x H
