@@ -9,6 +9,13 @@
 #include "common/rng.h"
 #include "common/simd.h"
 
+#ifndef PYFT_PF_DIST
+#define PYFT_PF_DIST 8
+#endif
+#ifndef PYFT_PF_BYTES
+#define PYFT_PF_BYTES (1 << 20)
+#endif
+
 namespace pyft {
 
 int64_t HeadSpec::num_params() const {
@@ -208,10 +215,10 @@ void colsum(const float* a, int64_t rows, int64_t cols, float* out, bool accumul
   }
 }
 
-inline void prefetch_row(const Matrix& X, int64_t i) {
+inline void prefetch_row(const Matrix& X, int64_t i, int64_t max_bytes) {
   if (!X.contiguous_rows()) return;
   const char* p = X.row_ptr(i);
-  const int64_t bytes = X.cols * dtype_size(X.dtype);
+  const int64_t bytes = std::min(max_bytes, X.cols * dtype_size(X.dtype));
   for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k);
 }
 
@@ -357,7 +364,8 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
   const int64_t G = C * D + C;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / 8)));
   grow(ws.tgrad, static_cast<size_t>(nt) * G);
-  grow(ws.rowbuf, static_cast<size_t>(nt) * 2 * (D + C));
+  const int64_t per_thread = 2 * (D + C) + 2 * C;
+  grow(ws.rowbuf, static_cast<size_t>(nt) * per_thread);
   grow(ws.tloss, nt);
   grow(ws.tcorrect, nt);
   const float invd = static_cast<float>(inv_denom);
@@ -369,19 +377,26 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     int64_t lo, hi;
     partition(count, nt, t, &lo, &hi);
     float* tg = ws.tgrad.data() + static_cast<size_t>(t) * G;
-    float* buf0 = ws.rowbuf.data() + static_cast<size_t>(t) * 2 * (D + C);
+    float* buf0 = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;
     float* buf1 = buf0 + D;
     float* z0 = buf1 + D;
-    float* z1 = z0 + C;
+    float* z1 = z0 + C;  // z0 and z1 form one 2 x C block for the vectorized softmax
+    float* e2 = z1 + C;
+    double pair_loss[2];
+    uint8_t pair_ok[2];
     float* tb = tg + C * D;
     std::memset(tg, 0, sizeof(float) * G);
     double lsum = 0.0;
     int64_t ok = 0;
-    // Shuffled rows defeat the hardware prefetcher: keep the next two pairs in flight.
-    for (int64_t q = lo; q < std::min(hi, lo + 4); ++q) prefetch_row(X, idx ? idx[q] : start + q);
+    // Shuffled rows defeat the hardware prefetcher. Touch the head of rows PF_DIST ahead so
+    // that their first misses overlap with this pair's work and the L2 streamer takes over.
+    const int64_t PF_DIST = PYFT_PF_DIST, PF_BYTES = PYFT_PF_BYTES;
+    for (int64_t q = lo; q < std::min(hi, lo + PF_DIST); ++q)
+      prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
     for (int64_t r = lo; r < hi; r += 2) {
       const bool pair = r + 1 < hi;
-      for (int64_t q = r + 4; q < std::min(hi, r + 6); ++q) prefetch_row(X, idx ? idx[q] : start + q);
+      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 2); ++q)
+        prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
       const int64_t i0 = idx ? idx[r] : start + r;
       const float* x0 = row_as_f32(X, i0, buf0);
       bool correct;
@@ -389,10 +404,10 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
         const int64_t i1 = idx ? idx[r + 1] : start + r + 1;
         const float* x1 = row_as_f32(X, i1, buf1);
         dot_rows_pair(W, C, D, x0, x1, b, z0, z1);
-        lsum += ce_row_grad(z0, C, labels[i0], loss, invd, &correct);
-        ok += correct;
-        lsum += ce_row_grad(z1, C, labels[i1], loss, invd, &correct);
-        ok += correct;
+        ce_block_grad(z0, e2, 2, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
+                      pair_loss, pair_ok);
+        lsum += pair_loss[0] + pair_loss[1];
+        ok += pair_ok[0] + pair_ok[1];
         axpy_rows2(tg, C, D, z0, x0, z1, x1);
         for (int64_t c = 0; c < C; ++c) tb[c] += z0[c] + z1[c];
       } else {
