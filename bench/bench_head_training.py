@@ -14,7 +14,7 @@ Standalone script (no pytest). What it measures, all in one run on this machine:
 3. L-BFGS: ``sklearn.linear_model.LogisticRegression(solver="lbfgs")`` against
    ``pyft._core.train_head_lbfgs`` run until its objective reaches sklearn's (time to target).
 4. ``--kernels``: the fused row kernel against the BLAS path for small C (backs the automatic
-   choice ``C <= 8 -> fused``).
+   choice ``C <= 12 -> fused``).
 
 The roofline of one epoch is max(flops / peak_sgemm, bytes / read_bandwidth) with
 flops = 6 N D C (forward, grad W, grad input, as in the issue; 4 N D C printed too since a head

@@ -122,7 +122,7 @@ def _run_trajectory(head, C, activation, kw, n_threads, min_steps=100, batch_siz
     assert res["epochs_run"] == epochs and res["steps"] == spe * epochs
     assert not res["stopped_early"] and not res["stopped_by_callback"]
     want_kernel = "fused" if head == "linear" and (kernel == "fused" or
-                                                     (kernel == "auto" and C <= 8)) else "blas"
+                                                     (kernel == "auto" and C <= 12)) else "blas"
     assert res["kernel"] == want_kernel
     np.testing.assert_allclose(p, q, rtol=RTOL, atol=ATOL, err_msg="final params")
     np.testing.assert_allclose([h["train_loss"] for h in res["history"]],

@@ -41,10 +41,10 @@ bool use_fused_kernel(const HeadSpec& spec, KernelChoice choice) {
   if (choice == KernelChoice::Fused) return true;
   if (choice == KernelChoice::Blas) return false;
   // Measured on a 2-core AVX2 machine (bench/bench_head_training.py --kernels): reading each row
-  // once for forward and backward beats gather + two GEMMs while C is too small to fill the
-  // GEMM micro-kernel (1.6-1.9x at C=2, 1.3x at C=4); at C=10 the two tie and from C=16 on
-  // OpenBLAS wins.
-  return spec.classes <= 8;
+  // once for forward and backward (four rows per pass over W and the gradient) beats gather +
+  // two GEMMs while C is too small to fill the GEMM micro-kernel: 2x at C=2, 1.2x at C=10;
+  // from C=16 on, W and the gradient (2 x C x D floats) outgrow L1 and OpenBLAS wins.
+  return spec.classes <= 12;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,6 +138,86 @@ void dot_rows_pair(const float* __restrict w, int64_t rows, int64_t d, const flo
     }
     z0[c] = a0 + bias[c];
     z1[c] = b0 + bias[c];
+  }
+}
+
+// Logits of four rows at once: two classes x four rows = eight FMA chains; every W load feeds
+// four rows and every x load two classes.
+PYFT_MULTIVERSION
+void dot_rows_quad(const float* __restrict w, int64_t rows, int64_t d,
+                   const float* const* __restrict xs, const float* __restrict bias,
+                   float* __restrict z /* 4 x rows */) {
+  const float* __restrict x0 = xs[0];
+  const float* __restrict x1 = xs[1];
+  const float* __restrict x2 = xs[2];
+  const float* __restrict x3 = xs[3];
+  int64_t c = 0;
+  for (; c + 2 <= rows; c += 2) {
+    const float *wa = w + c * d, *wb = wa + d;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+    for (int64_t j = 0; j < d; ++j) {
+      const float u = wa[j], v = wb[j];
+      a0 += u * x0[j]; a1 += u * x1[j]; a2 += u * x2[j]; a3 += u * x3[j];
+      b0 += v * x0[j]; b1 += v * x1[j]; b2 += v * x2[j]; b3 += v * x3[j];
+    }
+    z[c] = a0 + bias[c]; z[rows + c] = a1 + bias[c];
+    z[2 * rows + c] = a2 + bias[c]; z[3 * rows + c] = a3 + bias[c];
+    z[c + 1] = b0 + bias[c + 1]; z[rows + c + 1] = b1 + bias[c + 1];
+    z[2 * rows + c + 1] = b2 + bias[c + 1]; z[3 * rows + c + 1] = b3 + bias[c + 1];
+  }
+  for (; c < rows; ++c) {
+    const float* wa = w + c * d;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t j = 0; j < d; ++j) {
+      const float u = wa[j];
+      a0 += u * x0[j]; a1 += u * x1[j]; a2 += u * x2[j]; a3 += u * x3[j];
+    }
+    z[c] = a0 + bias[c]; z[rows + c] = a1 + bias[c];
+    z[2 * rows + c] = a2 + bias[c]; z[3 * rows + c] = a3 + bias[c];
+  }
+}
+
+// g[c] += sum_r coef[r * rows + c] * x_r for four rows: one load/store of g per four FMAs.
+PYFT_MULTIVERSION
+void axpy_rows4(float* __restrict g, int64_t rows, int64_t d, const float* __restrict coef,
+                const float* const* __restrict xs) {
+  const float* __restrict x0 = xs[0];
+  const float* __restrict x1 = xs[1];
+  const float* __restrict x2 = xs[2];
+  const float* __restrict x3 = xs[3];
+  int64_t c = 0;
+  // Two classes per pass: each x load feeds two gradient rows (6 loads per 8 FMAs, not 10).
+  for (; c + 2 <= rows; c += 2) {
+    float* __restrict ga = g + c * d;
+    float* __restrict gb = ga + d;
+    const float a0 = coef[c], a1 = coef[rows + c], a2 = coef[2 * rows + c], a3 = coef[3 * rows + c];
+    const float b0 = coef[c + 1], b1 = coef[rows + c + 1], b2 = coef[2 * rows + c + 1],
+                b3 = coef[3 * rows + c + 1];
+    for (int64_t j = 0; j < d; ++j) {
+      const float u0 = x0[j], u1 = x1[j], u2 = x2[j], u3 = x3[j];
+      // Written as FMA chains on g (not a sum of products) so each term is one FMA.
+      float ta = ga[j], tb = gb[j];
+      ta += a0 * u0; tb += b0 * u0;
+      ta += a1 * u1; tb += b1 * u1;
+      ta += a2 * u2; tb += b2 * u2;
+      ta += a3 * u3; tb += b3 * u3;
+      ga[j] = ta;
+      gb[j] = tb;
+    }
+  }
+  for (; c < rows; ++c) {
+    float* gc = g + c * d;
+    const float a0 = coef[c], a1 = coef[rows + c], a2 = coef[2 * rows + c], a3 = coef[3 * rows + c];
+    for (int64_t j = 0; j < d; ++j) {
+      float t = gc[j];
+      t += a0 * x0[j];
+      t += a1 * x1[j];
+      t += a2 * x2[j];
+      t += a3 * x3[j];
+      gc[j] = t;
+    }
   }
 }
 
@@ -364,7 +444,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
   const int64_t G = C * D + C;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / 8)));
   grow(ws.tgrad, static_cast<size_t>(nt) * G);
-  const int64_t per_thread = 2 * (D + C) + 2 * C;
+  const int64_t per_thread = 4 * D + 4 * C + 4 * C;
   grow(ws.rowbuf, static_cast<size_t>(nt) * per_thread);
   grow(ws.tloss, nt);
   grow(ws.tcorrect, nt);
@@ -377,13 +457,14 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     int64_t lo, hi;
     partition(count, nt, t, &lo, &hi);
     float* tg = ws.tgrad.data() + static_cast<size_t>(t) * G;
-    float* buf0 = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;
-    float* buf1 = buf0 + D;
-    float* z0 = buf1 + D;
-    float* z1 = z0 + C;  // z0 and z1 form one 2 x C block for the vectorized softmax
-    float* e2 = z1 + C;
-    double pair_loss[2];
-    uint8_t pair_ok[2];
+    float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;  // 4 x D
+    float* buf0 = bufs;
+    float* buf1 = bufs + D;
+    float* z0 = bufs + 4 * D;  // 4 x C logits block for the vectorized softmax
+    float* z1 = z0 + C;
+    float* e2 = z0 + 4 * C;
+    double pair_loss[4];
+    uint8_t pair_ok[4];
     float* tb = tg + C * D;
     std::memset(tg, 0, sizeof(float) * G);
     double lsum = 0.0;
@@ -393,10 +474,24 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     const int64_t PF_DIST = PYFT_PF_DIST, PF_BYTES = PYFT_PF_BYTES;
     for (int64_t q = lo; q < std::min(hi, lo + PF_DIST); ++q)
       prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
-    for (int64_t r = lo; r < hi; r += 2) {
-      const bool pair = r + 1 < hi;
-      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 2); ++q)
+    int64_t r = lo;
+    // Four rows at a time (W and the gradient are read once per four rows), then pairs/singles.
+    for (; r + 4 <= hi; r += 4) {
+      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 4); ++q)
         prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
+      const float* xs[4];
+      for (int k = 0; k < 4; ++k)
+        xs[k] = row_as_f32(X, idx ? idx[r + k] : start + r + k, bufs + k * D);
+      dot_rows_quad(W, C, D, xs, b, z0);
+      ce_block_grad(z0, e2, 4, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
+                    pair_loss, pair_ok);
+      lsum += (pair_loss[0] + pair_loss[1]) + (pair_loss[2] + pair_loss[3]);
+      ok += pair_ok[0] + pair_ok[1] + pair_ok[2] + pair_ok[3];
+      axpy_rows4(tg, C, D, z0, xs);
+      for (int64_t c = 0; c < C; ++c) tb[c] += (z0[c] + z0[C + c]) + (z0[2 * C + c] + z0[3 * C + c]);
+    }
+    for (; r < hi; r += 2) {
+      const bool pair = r + 1 < hi;
       const int64_t i0 = idx ? idx[r] : start + r;
       const float* x0 = row_as_f32(X, i0, buf0);
       bool correct;
