@@ -141,6 +141,60 @@ void dot_rows_pair(const float* __restrict w, int64_t rows, int64_t d, const flo
   }
 }
 
+// Eight rows per pass over W and the gradient: explicit 8-lane vectors (GCC vector extensions,
+// lowered to AVX2 in the x86-64-v3 clone and to SSE pairs in the baseline one) so that the eight
+// per-row accumulators and coefficients stay in registers.
+typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+PYFT_MULTIVERSION
+void dot_rows_oct(const float* __restrict w, int64_t rows, int64_t d,
+                  const float* const* __restrict xs, const float* __restrict bias,
+                  float* __restrict z /* 8 x rows */) {
+  const int64_t d8 = d & ~int64_t(7);
+  for (int64_t c = 0; c < rows; ++c) {
+    const float* wc = w + c * d;
+    v8f acc[8] = {};
+    for (int64_t j = 0; j < d8; j += 8) {
+      const v8f wv = *reinterpret_cast<const v8f*>(wc + j);
+      for (int r = 0; r < 8; ++r) acc[r] += wv * *reinterpret_cast<const v8f*>(xs[r] + j);
+    }
+    for (int r = 0; r < 8; ++r) {
+      float t = hsum8(acc[r]);
+      for (int64_t j = d8; j < d; ++j) t += wc[j] * xs[r][j];
+      z[r * rows + c] = t + bias[c];
+    }
+  }
+}
+
+PYFT_MULTIVERSION
+void axpy_rows8(float* __restrict g, int64_t rows, int64_t d, const float* __restrict coef,
+                const float* const* __restrict xs) {
+  const int64_t d8 = d & ~int64_t(7);
+  for (int64_t c = 0; c < rows; ++c) {
+    float* gc = g + c * d;
+    float a[8];
+    v8f av[8];
+    for (int r = 0; r < 8; ++r) {
+      a[r] = coef[r * rows + c];
+      av[r] = v8f{} + a[r];
+    }
+    for (int64_t j = 0; j < d8; j += 8) {
+      v8f t = *reinterpret_cast<v8f*>(gc + j);
+      for (int r = 0; r < 8; ++r) t += av[r] * *reinterpret_cast<const v8f*>(xs[r] + j);
+      *reinterpret_cast<v8f*>(gc + j) = t;
+    }
+    for (int64_t j = d8; j < d; ++j) {
+      float t = gc[j];
+      for (int r = 0; r < 8; ++r) t += a[r] * xs[r][j];
+      gc[j] = t;
+    }
+  }
+}
+
 // Logits of four rows at once: two classes x four rows = eight FMA chains; every W load feeds
 // four rows and every x load two classes.
 PYFT_MULTIVERSION
@@ -444,7 +498,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
   const int64_t G = C * D + C;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / 8)));
   grow(ws.tgrad, static_cast<size_t>(nt) * G);
-  const int64_t per_thread = 4 * D + 4 * C + 4 * C;
+  const int64_t per_thread = 8 * D + 8 * C + 8 * C;
   grow(ws.rowbuf, static_cast<size_t>(nt) * per_thread);
   grow(ws.tloss, nt);
   grow(ws.tcorrect, nt);
@@ -457,14 +511,14 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     int64_t lo, hi;
     partition(count, nt, t, &lo, &hi);
     float* tg = ws.tgrad.data() + static_cast<size_t>(t) * G;
-    float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;  // 4 x D
+    float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;  // 8 x D
     float* buf0 = bufs;
     float* buf1 = bufs + D;
-    float* z0 = bufs + 4 * D;  // 4 x C logits block for the vectorized softmax
+    float* z0 = bufs + 8 * D;  // 8 x C logits block for the vectorized softmax
     float* z1 = z0 + C;
-    float* e2 = z0 + 4 * C;
-    double pair_loss[4];
-    uint8_t pair_ok[4];
+    float* e2 = z0 + 8 * C;
+    double pair_loss[8];
+    uint8_t pair_ok[8];
     float* tb = tg + C * D;
     std::memset(tg, 0, sizeof(float) * G);
     double lsum = 0.0;
@@ -475,7 +529,27 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     for (int64_t q = lo; q < std::min(hi, lo + PF_DIST); ++q)
       prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
     int64_t r = lo;
-    // Four rows at a time (W and the gradient are read once per four rows), then pairs/singles.
+    // Eight rows at a time (W and the gradient are read once per eight rows), then 4, 2, 1.
+    for (; r + 8 <= hi; r += 8) {
+      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 8); ++q)
+        prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
+      const float* xs[8];
+      for (int k = 0; k < 8; ++k)
+        xs[k] = row_as_f32(X, idx ? idx[r + k] : start + r + k, bufs + k * D);
+      dot_rows_oct(W, C, D, xs, b, z0);
+      ce_block_grad(z0, e2, 8, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
+                    pair_loss, pair_ok);
+      for (int k = 0; k < 8; ++k) {
+        lsum += pair_loss[k];
+        ok += pair_ok[k];
+      }
+      axpy_rows8(tg, C, D, z0, xs);
+      for (int64_t c = 0; c < C; ++c) {
+        float sb = 0.0f;
+        for (int k = 0; k < 8; ++k) sb += z0[k * C + c];
+        tb[c] += sb;
+      }
+    }
     for (; r + 4 <= hi; r += 4) {
       for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 4); ++q)
         prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
