@@ -356,6 +356,13 @@ inline void prefetch_row(const Matrix& X, int64_t i, int64_t max_bytes) {
   for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k);
 }
 
+/// True when all n values are finite (x * 0 is NaN exactly for NaN and infinities).
+inline bool finite_span(const float* x, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += x[i] * 0.0f;
+  return acc == 0.0f;
+}
+
 template <typename T>
 void grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -502,6 +509,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
   grow(ws.rowbuf, static_cast<size_t>(nt) * per_thread);
   grow(ws.tloss, nt);
   grow(ws.tcorrect, nt);
+  grow(ws.tflag, nt);
   const float invd = static_cast<float>(inv_denom);
 #if defined(PYFT_WITH_OPENMP)
 #pragma omp parallel num_threads(nt)
@@ -510,6 +518,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     const int t = thread_id();
     int64_t lo, hi;
     partition(count, nt, t, &lo, &hi);
+    bool nonfinite = false;
     float* tg = ws.tgrad.data() + static_cast<size_t>(t) * G;
     float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;  // 8 x D
     float* buf0 = bufs;
@@ -537,6 +546,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
       for (int k = 0; k < 8; ++k)
         xs[k] = row_as_f32(X, idx ? idx[r + k] : start + r + k, bufs + k * D);
       dot_rows_oct(W, C, D, xs, b, z0);
+      nonfinite |= !finite_span(z0, 8 * C);
       ce_block_grad(z0, e2, 8, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
                     pair_loss, pair_ok);
       for (int k = 0; k < 8; ++k) {
@@ -557,6 +567,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
       for (int k = 0; k < 4; ++k)
         xs[k] = row_as_f32(X, idx ? idx[r + k] : start + r + k, bufs + k * D);
       dot_rows_quad(W, C, D, xs, b, z0);
+      nonfinite |= !finite_span(z0, 4 * C);
       ce_block_grad(z0, e2, 4, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
                     pair_loss, pair_ok);
       lsum += (pair_loss[0] + pair_loss[1]) + (pair_loss[2] + pair_loss[3]);
@@ -573,6 +584,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
         const int64_t i1 = idx ? idx[r + 1] : start + r + 1;
         const float* x1 = row_as_f32(X, i1, buf1);
         dot_rows_pair(W, C, D, x0, x1, b, z0, z1);
+        nonfinite |= !finite_span(z0, 2 * C);
         ce_block_grad(z0, e2, 2, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
                       pair_loss, pair_ok);
         lsum += pair_loss[0] + pair_loss[1];
@@ -581,6 +593,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
         for (int64_t c = 0; c < C; ++c) tb[c] += z0[c] + z1[c];
       } else {
         dot_rows(W, C, D, x0, b, z0);
+        nonfinite |= !finite_span(z0, C);
         lsum += ce_row_grad(z0, C, labels[i0], loss, invd, &correct);
         ok += correct;
         axpy_rows(tg, C, D, z0, x0);
@@ -589,6 +602,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     }
     ws.tloss[t] = lsum;
     ws.tcorrect[t] = ok;
+    ws.tflag[t] = nonfinite;
   }
   // Reduce the per-thread gradients in thread order: deterministic for a fixed thread count.
   const int rt = (G >= 65536) ? n_threads : 1;
@@ -605,6 +619,7 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
   for (int t = 0; t < nt; ++t) {
     res.loss_sum += ws.tloss[t];
     res.correct += ws.tcorrect[t];
+    res.nonfinite |= ws.tflag[t] != 0;
   }
   res.loss_sum *= inv_denom;
   return res;
@@ -625,7 +640,7 @@ const float* rows_block(const Matrix& X, const int64_t* idx, int64_t start, int6
 }
 
 /// Hidden layer of the MLP: hpre = x W1^T + b1, hact = act(hpre) (times the dropout mask).
-void mlp_hidden(const HeadSpec& spec, const float* params, const float* x, int64_t ldx,
+bool mlp_hidden(const HeadSpec& spec, const float* params, const float* x, int64_t ldx,
                 int64_t count, const int64_t* idx, int64_t start, const DropoutSpec& dropout,
                 Workspace& ws, int n_threads) {
   const int64_t D = spec.in_features, H = spec.hidden;
@@ -640,6 +655,7 @@ void mlp_hidden(const HeadSpec& spec, const float* params, const float* x, int64
   if (drop) grow(ws.keep, static_cast<size_t>(count) * H);
   const float keep_scale = drop ? 1.0f / (1.0f - dropout.p) : 1.0f;
   const bool is_gelu = spec.activation == Activation::GELU;
+  grow(ws.rowok, count);
 #if defined(PYFT_WITH_OPENMP)
 #pragma omp parallel for num_threads(n_threads) schedule(static)
 #endif
@@ -650,6 +666,7 @@ void mlp_hidden(const HeadSpec& spec, const float* params, const float* x, int64
       pr[j] += b1[j];
       ar[j] = is_gelu ? gelu(pr[j]) : (pr[j] > 0.0f ? pr[j] : 0.0f);
     }
+    ws.rowok[r] = finite_span(pr, H);  // ReLU would hide a NaN: check before the activation
     if (drop) {
       const uint64_t sample = static_cast<uint64_t>(idx ? idx[r] : start + r);
       const uint64_t hs = hash_combine(dropout.seed, sample);
@@ -661,6 +678,9 @@ void mlp_hidden(const HeadSpec& spec, const float* params, const float* x, int64
       }
     }
   }
+  for (int64_t r = 0; r < count; ++r)
+    if (!ws.rowok[r]) return true;
+  return false;
 }
 
 }  // namespace
@@ -685,8 +705,9 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
   // Forward.
   const float* feat = x;  // input of the output layer
   int64_t ldf = ldx, F = D;
+  bool hidden_nonfinite = false;
   if (spec.kind == HeadKind::MLP) {
-    mlp_hidden(spec, params, x, ldx, count, idx, start, dropout, ws, n_threads);
+    hidden_nonfinite = mlp_hidden(spec, params, x, ldx, count, idx, start, dropout, ws, n_threads);
     feat = ws.hact.data();
     ldf = H;
     F = H;
@@ -699,6 +720,7 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
   const float invd = static_cast<float>(inv_denom);
   grow(ws.e, static_cast<size_t>(count) * C);
   const int ce_threads = count * C >= 4096 ? n_threads : 1;
+  grow(ws.tflag_ce, ce_threads);
 #if defined(PYFT_WITH_OPENMP)
 #pragma omp parallel num_threads(ce_threads)
 #endif
@@ -709,6 +731,7 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
       float* zr = z + r * C;
       for (int64_t c = 0; c < C; ++c) zr[c] += bo[c];
     }
+    ws.tflag_ce[thread_id()] = !finite_span(z + lo * C, (hi - lo) * C);
     if (hi > lo)
       ce_block_grad(z + lo * C, ws.e.data() + lo * C, hi - lo, C, labels, idx ? idx + lo : nullptr,
                     start + lo, loss, invd, ws.rowloss.data() + lo, ws.rowok.data() + lo);
@@ -720,6 +743,11 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
     res.correct += ws.rowok[r];
   }
   res.loss_sum *= inv_denom;
+  if (spec.kind == HeadKind::MLP) {
+    res.nonfinite = hidden_nonfinite;
+  } else {
+    for (int t = 0; t < ce_threads; ++t) res.nonfinite |= ws.tflag_ce[t] != 0;
+  }
 
   // Backward through the output layer.
   const float beta = accumulate ? 1.0f : 0.0f;
@@ -758,7 +786,7 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
   return res;
 }
 
-void forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, int64_t start,
+bool forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, int64_t start,
                     int64_t count, float* out, Workspace& ws, int n_threads) {
   const int64_t D = spec.in_features, C = spec.classes, H = spec.hidden;
   if (spec.kind == HeadKind::Linear && use_fused_kernel(spec, KernelChoice::Auto)) {
@@ -780,14 +808,16 @@ void forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, 
         dot_rows(W, C, D, x, b, out + r * C);
       }
     }
-    return;
+    return !finite_span(out, count * C);
   }
   int64_t ldx;
   const float* x = rows_block(X, nullptr, start, count, ws, n_threads, &ldx);
   const float* feat = x;
   int64_t ldf = ldx, F = D;
+  bool hidden_nonfinite = false;
   if (spec.kind == HeadKind::MLP) {
-    mlp_hidden(spec, params, x, ldx, count, nullptr, start, DropoutSpec{}, ws, n_threads);
+    hidden_nonfinite =
+        mlp_hidden(spec, params, x, ldx, count, nullptr, start, DropoutSpec{}, ws, n_threads);
     feat = ws.hact.data();
     ldf = H;
     F = H;
@@ -795,6 +825,7 @@ void forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, 
   gemm(false, true, count, C, F, 1.0f, feat, ldf, params + spec.out_weight_offset(), F, 0.0f, out,
        C, n_threads);
   add_bias_rows(out, count, C, params + spec.out_bias_offset());
+  return spec.kind == HeadKind::MLP ? hidden_nonfinite : !finite_span(out, count * C);
 }
 
 }  // namespace pyft

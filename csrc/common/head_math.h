@@ -64,6 +64,8 @@ struct Workspace {
   std::vector<float> rowbuf;   ///< per-thread converted rows (fused kernel)
   std::vector<double> tloss;   ///< per-thread loss sums
   std::vector<int64_t> tcorrect;
+  std::vector<uint8_t> tflag;     ///< per-thread non-finite flags (fused kernel)
+  std::vector<uint8_t> tflag_ce;  ///< per-thread non-finite flags (softmax block)
 };
 
 /// Which implementation computes the linear head's loss and gradient.
@@ -75,6 +77,10 @@ bool use_fused_kernel(const HeadSpec& spec, KernelChoice choice);
 struct BatchResult {
   double loss_sum = 0.0;  ///< sum of weighted per-row losses times inv_denom
   int64_t correct = 0;
+  /// Some row's first-layer pre-activations were NaN or infinite: either the features hold a
+  /// non-finite value (the caller then scans them and raises) or the weights have diverged.
+  /// Checking C (or H) values per row replaces a separate pass over all D features.
+  bool nonfinite = false;
 };
 
 /// Loss and gradient over rows of X: idx[0..count) when idx is non-null, else [start, start+count).
@@ -86,8 +92,9 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
                       float* grad, bool accumulate, KernelChoice kernel, Workspace& ws,
                       int n_threads);
 
-/// Logits for rows [start, start+count) of X into out (count x C, row-major).
-void forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, int64_t start,
+/// Logits for rows [start, start+count) of X into out (count x C, row-major). Returns true when
+/// some row's first-layer pre-activations are non-finite (see BatchResult::nonfinite).
+bool forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, int64_t start,
                     int64_t count, float* out, Workspace& ws, int n_threads);
 
 /// Softmax cross-entropy of one row. `z` (C logits) is replaced by the gradient times inv_denom;

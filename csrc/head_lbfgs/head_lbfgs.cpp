@@ -44,7 +44,8 @@ double head_objective(const HeadSpec& spec, const float* params, const Matrix& X
                       const int64_t* labels, const LossSpec& loss, double l2, float* grad,
                       int n_threads, KernelChoice kernel) {
   check_common(spec, params, X, labels, loss, l2, n_threads);
-  return cpu::objective(spec, params, X, labels, loss, l2, grad, n_threads, kernel);
+  return cpu::objective(spec, params, X, labels, loss, l2, grad, n_threads, kernel,
+                        /*verify=*/true);
 }
 
 }  // namespace pyft

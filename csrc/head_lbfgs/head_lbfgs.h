@@ -60,9 +60,10 @@ namespace cpu {
 LbfgsResult train_head_lbfgs(const HeadSpec& spec, float* params, const Matrix& X,
                              const int64_t* labels, const LossSpec& loss, const LbfgsOptions& opt,
                              const LbfgsCallback& on_iter, const InterruptCheck& interrupted);
+/// verify: scan X and raise when the kernels report non-finite pre-activations.
 double objective(const HeadSpec& spec, const float* params, const Matrix& X,
                  const int64_t* labels, const LossSpec& loss, double l2, float* grad,
-                 int n_threads, KernelChoice kernel);
+                 int n_threads, KernelChoice kernel, bool verify);
 }  // namespace cpu
 
 }  // namespace pyft

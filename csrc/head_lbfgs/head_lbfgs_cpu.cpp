@@ -7,6 +7,7 @@
 
 #include "common/parallel.h"
 #include "head_lbfgs/head_lbfgs.h"
+#include "head_train/head_train.h"
 
 namespace pyft {
 namespace cpu {
@@ -60,7 +61,10 @@ struct Problem {
     const int64_t P = static_cast<int64_t>(x.size());
     for (int64_t i = 0; i < P; ++i) pf[i] = static_cast<float>(x[i]);
     ++evals;
-    const double f = objective(spec, pf.data(), X, labels, loss, 0.0, gf.data(), n_threads, kernel);
+    // Only the first evaluation checks the data; later non-finite values come from trial steps
+    // of the line search, which backtracks from them.
+    const double f = objective(spec, pf.data(), X, labels, loss, 0.0, gf.data(), n_threads, kernel,
+                               /*verify=*/evals == 1);
     for (int64_t i = 0; i < P; ++i) g[i] = gf[i];
     double reg = 0.0;
     for (auto& r : spec.weight_ranges()) {
@@ -77,7 +81,7 @@ struct Problem {
 
 double objective(const HeadSpec& spec, const float* params, const Matrix& X,
                  const int64_t* labels, const LossSpec& loss, double l2, float* grad,
-                 int n_threads, KernelChoice kernel) {
+                 int n_threads, KernelChoice kernel, bool verify) {
   const int nt = resolve_threads(n_threads);
   const int64_t P = spec.num_params();
   double wsum = 0.0;
@@ -102,6 +106,10 @@ double objective(const HeadSpec& spec, const float* params, const Matrix& X,
     const int64_t n = std::min(chunk, X.rows - s);
     BatchResult br = loss_grad(spec, params, X, nullptr, s, n, labels, loss, 1.0 / wsum,
                                DropoutSpec{}, g, s > 0, kernel, ws, nt);
+    if (br.nonfinite && verify) {
+      verify_finite(X, "features", nt);
+      verify = false;
+    }
     f += br.loss_sum;
   }
   if (l2 > 0.0) {

@@ -4,6 +4,7 @@
 
 #include "common/parallel.h"
 #include "head_predict/head_predict.h"
+#include "head_train/head_train.h"
 
 namespace pyft {
 namespace cpu {
@@ -14,12 +15,16 @@ void head_predict(const HeadSpec& spec, const float* params, const Matrix& X, Pr
   const int64_t C = spec.classes;
   const int64_t chunk = 2048;
   Workspace ws;
+  bool verified = false;
   std::vector<float> tmp;
   if (what == PredictOutput::Labels) tmp.resize(static_cast<size_t>(std::min(chunk, X.rows)) * C);
   for (int64_t s = 0; s < X.rows; s += chunk) {
     const int64_t n = std::min(chunk, X.rows - s);
     float* z = what == PredictOutput::Labels ? tmp.data() : out + s * C;
-    forward_logits(spec, params, X, s, n, z, ws, nt);
+    if (forward_logits(spec, params, X, s, n, z, ws, nt) && !verified) {
+      verify_finite(X, "features", nt);
+      verified = true;  // finite features: the weights themselves produce NaN/inf
+    }
     if (what == PredictOutput::Proba) {
       for (int64_t r = 0; r < n; ++r) {
         float* zr = z + r * C;

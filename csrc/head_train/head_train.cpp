@@ -23,6 +23,11 @@ void check_features(const Matrix& X, const HeadSpec& spec, const char* name, int
              name, (long long)X.rows, (long long)X.cols);
   PYFT_CHECK(X.cols == spec.in_features, "%s must have %lld columns (in_features); got %lld",
              name, (long long)spec.in_features, (long long)X.cols);
+  // Finiteness is checked lazily (verify_finite) when a kernel sees non-finite pre-activations,
+  // so valid data is read once per epoch and never by an extra validation pass.
+}
+
+void verify_finite(const Matrix& X, const char* name, int n_threads) {
   int64_t bad_row = -1, bad_col = -1;
   PYFT_CHECK(all_finite(X, resolve_threads(n_threads), &bad_row, &bad_col),
              "%s must be finite; found NaN or infinity at row %lld, column %lld", name,

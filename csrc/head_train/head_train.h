@@ -87,6 +87,10 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
 // Shared validation helpers (also used by the L-BFGS and predict ops).
 void check_spec(const HeadSpec& spec);
 void check_features(const Matrix& X, const HeadSpec& spec, const char* name, int n_threads);
+/// Scans X and throws std::invalid_argument naming the first (lowest row) NaN or infinity. Called
+/// when a kernel reports non-finite pre-activations; returns normally when X is finite (then the
+/// weights have diverged, which is not an input error).
+void verify_finite(const Matrix& X, const char* name, int n_threads);
 void check_labels(const int64_t* labels, int64_t n, int64_t classes, const char* name);
 void check_loss(const LossSpec& loss, int64_t classes);
 

@@ -107,7 +107,7 @@ struct Optimizer {
 /// Mean loss (same criterion as training) and accuracy over a whole feature matrix.
 void evaluate(const HeadSpec& spec, const float* params, const Matrix& X, const int64_t* labels,
               const LossSpec& loss, Workspace& ws, std::vector<float>& logits, int n_threads,
-              double* mean_loss, double* accuracy) {
+              bool* verified, double* mean_loss, double* accuracy) {
   const int64_t C = spec.classes;
   const int64_t chunk = 1024;
   logits.resize(static_cast<size_t>(chunk) * C);
@@ -115,7 +115,10 @@ void evaluate(const HeadSpec& spec, const float* params, const Matrix& X, const 
   int64_t correct = 0;
   for (int64_t s = 0; s < X.rows; s += chunk) {
     const int64_t n = std::min(chunk, X.rows - s);
-    forward_logits(spec, params, X, s, n, logits.data(), ws, n_threads);
+    if (forward_logits(spec, params, X, s, n, logits.data(), ws, n_threads) && !*verified) {
+      verify_finite(X, "val_features", n_threads);
+      *verified = true;
+    }
     for (int64_t r = 0; r < n; ++r) {
       bool ok;
       lsum += ce_row_loss(logits.data() + r * C, C, labels[s + r], loss, &ok);
@@ -153,6 +156,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
   int64_t since_best = 0;
   int64_t step = 0;
   const bool early_stopping = opt.patience > 0 && val_X != nullptr;
+  bool features_verified = false, val_verified = false;
 
   for (int64_t epoch = 0; epoch < opt.epochs; ++epoch) {
     const auto t0 = clock::now();
@@ -179,6 +183,10 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
       DropoutSpec drop{opt.dropout, hash_combine(opt.seed ^ 0xd509u, static_cast<uint64_t>(step))};
       BatchResult br = loss_grad(spec, params, X, idx, 0, count, labels, loss, 1.0 / wsum, drop,
                                  grad.data(), false, opt.kernel, ws, nt);
+      if (br.nonfinite && !features_verified) {
+        verify_finite(X, "features", nt);  // throws before this batch updates the weights
+        features_verified = true;
+      }
       lr = opt.lr * lr_factor(opt, step, total_steps, steps_per_epoch);
       optimizer.step(params, grad.data(), lr);
       loss_sum += br.loss_sum * static_cast<double>(count);
@@ -199,8 +207,8 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
     st.lr = lr;
     st.steps = step;
     if (val_X) {
-      evaluate(spec, params, *val_X, val_labels, loss, ws, eval_logits, nt, &st.val_loss,
-               &st.val_accuracy);
+      evaluate(spec, params, *val_X, val_labels, loss, ws, eval_logits, nt, &val_verified,
+               &st.val_loss, &st.val_accuracy);
       st.has_val = true;
     }
     st.seconds = std::chrono::duration<double>(clock::now() - t0).count();
