@@ -498,7 +498,7 @@ namespace {
 BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix& X,
                          const int64_t* idx, int64_t start, int64_t count, const int64_t* labels,
                          const LossSpec& loss, double inv_denom, float* grad, bool accumulate,
-                         Workspace& ws, int n_threads) {
+                         Workspace& ws, int n_threads, const SliceUpdate* update) {
   const int64_t C = spec.classes, D = spec.in_features;
   const float* W = params;
   const float* b = params + C * D;
@@ -603,24 +603,29 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     ws.tloss[t] = lsum;
     ws.tcorrect[t] = ok;
     ws.tflag[t] = nonfinite;
-  }
-  // Reduce the per-thread gradients in thread order: deterministic for a fixed thread count.
-  const int rt = (G >= 65536) ? n_threads : 1;
 #if defined(PYFT_WITH_OPENMP)
-#pragma omp parallel for num_threads(rt) schedule(static)
+#pragma omp barrier
 #endif
-  for (int64_t p = 0; p < G; ++p) {
-    float s = accumulate ? grad[p] : 0.0f;
-    for (int t = 0; t < nt; ++t) s += ws.tgrad[static_cast<size_t>(t) * G + p];
-    grad[p] = s;
+    // Each thread reduces its slice of the per-thread gradients, in thread order (deterministic
+    // for a fixed thread count), then applies the update to that slice: no serial pass.
+    bool any_nonfinite = false;
+    for (int u = 0; u < nt; ++u) any_nonfinite |= ws.tflag[u] != 0;
+    int64_t plo, phi;
+    partition(G, nt, t, &plo, &phi, 16);
+    for (int64_t p = plo; p < phi; ++p) {
+      float sum = accumulate ? grad[p] : 0.0f;
+      for (int u = 0; u < nt; ++u) sum += ws.tgrad[static_cast<size_t>(u) * G + p];
+      grad[p] = sum;
+    }
+    if (update && !any_nonfinite && phi > plo) (*update)(plo, phi);
   }
-  (void)rt;
   BatchResult res;
   for (int t = 0; t < nt; ++t) {
     res.loss_sum += ws.tloss[t];
     res.correct += ws.tcorrect[t];
     res.nonfinite |= ws.tflag[t] != 0;
   }
+  res.updated = update != nullptr && !res.nonfinite;
   res.loss_sum *= inv_denom;
   return res;
 }
@@ -689,10 +694,10 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
                       const int64_t* idx, int64_t start, int64_t count, const int64_t* labels,
                       const LossSpec& loss, double inv_denom, const DropoutSpec& dropout,
                       float* grad, bool accumulate, KernelChoice kernel, Workspace& ws,
-                      int n_threads) {
+                      int n_threads, const SliceUpdate* update) {
   if (use_fused_kernel(spec, kernel))
     return fused_linear(spec, params, X, idx, start, count, labels, loss, inv_denom, grad,
-                        accumulate, ws, n_threads);
+                        accumulate, ws, n_threads, update);
 
   const int64_t D = spec.in_features, C = spec.classes, H = spec.hidden;
   int64_t ldx;

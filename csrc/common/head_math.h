@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "common/convert.h"
@@ -81,7 +82,14 @@ struct BatchResult {
   /// non-finite value (the caller then scans them and raises) or the weights have diverged.
   /// Checking C (or H) values per row replaces a separate pass over all D features.
   bool nonfinite = false;
+  /// The SliceUpdate passed to loss_grad has been applied to every parameter.
+  bool updated = false;
 };
+
+/// Called with [lo, hi) of the parameter vector once that slice of the gradient is final (an
+/// optimizer step, say). Lets the fused kernel update parameters inside its own parallel region
+/// instead of a separate serial pass. Must not throw.
+using SliceUpdate = std::function<void(int64_t lo, int64_t hi)>;
 
 /// Loss and gradient over rows of X: idx[0..count) when idx is non-null, else [start, start+count).
 /// grad (num_params floats) is overwritten, or accumulated into when `accumulate` is true.
@@ -90,7 +98,7 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
                       const int64_t* idx, int64_t start, int64_t count, const int64_t* labels,
                       const LossSpec& loss, double inv_denom, const DropoutSpec& dropout,
                       float* grad, bool accumulate, KernelChoice kernel, Workspace& ws,
-                      int n_threads);
+                      int n_threads, const SliceUpdate* update = nullptr);
 
 /// Logits for rows [start, start+count) of X into out (count x C, row-major). Returns true when
 /// some row's first-layer pre-activations are non-finite (see BatchResult::nonfinite).

@@ -68,8 +68,35 @@ struct Optimizer {
     br = spec.bias_ranges();
   }
 
-  void step(float* params, const float* grad, double lr) {
-    ++t;
+  /// Starts an optimizer step (bias corrections and the first-step flag use the step count).
+  void begin_step() { ++t; }
+
+  /// Updates params[lo, hi) of the current step on the calling thread.
+  void update_slice(float* params, const float* grad, double lr, int64_t lo, int64_t hi) {
+    for (auto& r : wr) update_range(params, grad, lr, std::max(lo, r.first), std::min(hi, r.second),
+                                    static_cast<float>(opt.weight_decay));
+    for (auto& r : br) update_range(params, grad, lr, std::max(lo, r.first), std::min(hi, r.second),
+                                    0.0f);
+  }
+
+  void update_range(float* params, const float* grad, double lr, int64_t a, int64_t b, float wd) {
+    if (b <= a) return;
+    if (opt.optimizer == OptimizerKind::AdamW) {
+      const double bc1 = 1.0 - std::pow(opt.beta1, static_cast<double>(t));
+      const double bc2 = 1.0 - std::pow(opt.beta2, static_cast<double>(t));
+      adamw_update(params + a, grad + a, m.data() + a, v.data() + a, b - a, static_cast<float>(lr),
+                   wd, static_cast<float>(1.0 - opt.beta1), static_cast<float>(opt.beta2),
+                   static_cast<float>(1.0 - opt.beta2), static_cast<float>(opt.eps),
+                   static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)));
+    } else {
+      sgd_update(params + a, grad + a, m.empty() ? nullptr : m.data() + a, b - a,
+                 static_cast<float>(lr), wd, static_cast<float>(opt.momentum),
+                 static_cast<float>(opt.dampening), opt.nesterov, t == 1);
+    }
+  }
+
+  /// Updates all parameters of the current step (after begin_step), in parallel when large.
+  void apply(float* params, const float* grad, double lr) {
     auto run = [&](int64_t lo, int64_t hi, float wd) {
       const int64_t n = hi - lo;
       const int nt = n >= (1 << 16) ? n_threads : 1;
@@ -79,23 +106,7 @@ struct Optimizer {
       {
         int64_t a, b;
         partition(n, nt, thread_id(), &a, &b, 64);
-        a += lo;
-        b += lo;
-        if (b > a) {
-          if (opt.optimizer == OptimizerKind::AdamW) {
-            const double bc1 = 1.0 - std::pow(opt.beta1, static_cast<double>(t));
-            const double bc2 = 1.0 - std::pow(opt.beta2, static_cast<double>(t));
-            adamw_update(params + a, grad + a, m.data() + a, v.data() + a, b - a,
-                         static_cast<float>(lr), wd, static_cast<float>(1.0 - opt.beta1),
-                         static_cast<float>(opt.beta2), static_cast<float>(1.0 - opt.beta2),
-                         static_cast<float>(opt.eps),
-                         static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)));
-          } else {
-            sgd_update(params + a, grad + a, m.empty() ? nullptr : m.data() + a, b - a,
-                       static_cast<float>(lr), wd, static_cast<float>(opt.momentum),
-                       static_cast<float>(opt.dampening), opt.nesterov, t == 1);
-          }
-        }
+        update_range(params, grad, lr, a + lo, b + lo, wd);
       }
       (void)nt;
     };
@@ -181,14 +192,18 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
         wsum = static_cast<double>(count);
       }
       DropoutSpec drop{opt.dropout, hash_combine(opt.seed ^ 0xd509u, static_cast<uint64_t>(step))};
+      lr = opt.lr * lr_factor(opt, step, total_steps, steps_per_epoch);
+      optimizer.begin_step();
+      const SliceUpdate update = [&](int64_t lo, int64_t hi) {
+        optimizer.update_slice(params, grad.data(), lr, lo, hi);
+      };
       BatchResult br = loss_grad(spec, params, X, idx, 0, count, labels, loss, 1.0 / wsum, drop,
-                                 grad.data(), false, opt.kernel, ws, nt);
+                                 grad.data(), false, opt.kernel, ws, nt, &update);
       if (br.nonfinite && !features_verified) {
         verify_finite(X, "features", nt);  // throws before this batch updates the weights
         features_verified = true;
       }
-      lr = opt.lr * lr_factor(opt, step, total_steps, steps_per_epoch);
-      optimizer.step(params, grad.data(), lr);
+      if (!br.updated) optimizer.apply(params, grad.data(), lr);
       loss_sum += br.loss_sum * static_cast<double>(count);
       correct += br.correct;
       seen += count;
