@@ -52,95 +52,6 @@ bool use_fused_kernel(const HeadSpec& spec, KernelChoice choice) {
 
 namespace {
 
-// out[c] = w[c] . x + bias[c] for c < rows. Eight (then four, then one) classes at a time so that
-// independent FMA chains hide the FMA latency and each load of x feeds several classes.
-PYFT_MULTIVERSION
-void dot_rows(const float* __restrict w, int64_t rows, int64_t d, const float* __restrict x,
-              const float* __restrict bias, float* __restrict out) {
-  int64_t c = 0;
-  for (; c + 8 <= rows; c += 8) {
-    const float *w0 = w + c * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-    const float *w4 = w3 + d, *w5 = w4 + d, *w6 = w5 + d, *w7 = w6 + d;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-    for (int64_t j = 0; j < d; ++j) {
-      const float xj = x[j];
-      s0 += w0[j] * xj; s1 += w1[j] * xj; s2 += w2[j] * xj; s3 += w3[j] * xj;
-      s4 += w4[j] * xj; s5 += w5[j] * xj; s6 += w6[j] * xj; s7 += w7[j] * xj;
-    }
-    out[c] = s0 + bias[c]; out[c + 1] = s1 + bias[c + 1];
-    out[c + 2] = s2 + bias[c + 2]; out[c + 3] = s3 + bias[c + 3];
-    out[c + 4] = s4 + bias[c + 4]; out[c + 5] = s5 + bias[c + 5];
-    out[c + 6] = s6 + bias[c + 6]; out[c + 7] = s7 + bias[c + 7];
-  }
-  for (; c + 4 <= rows; c += 4) {
-    const float *w0 = w + c * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t j = 0; j < d; ++j) {
-      const float xj = x[j];
-      s0 += w0[j] * xj; s1 += w1[j] * xj; s2 += w2[j] * xj; s3 += w3[j] * xj;
-    }
-    out[c] = s0 + bias[c]; out[c + 1] = s1 + bias[c + 1];
-    out[c + 2] = s2 + bias[c + 2]; out[c + 3] = s3 + bias[c + 3];
-  }
-  for (; c < rows; ++c) {
-    const float* wc = w + c * d;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < d; ++j) s += wc[j] * x[j];
-    out[c] = s + bias[c];
-  }
-}
-
-// Logits of two rows at once: every load of W feeds both rows, and 4 classes x 2 rows give eight
-// independent FMA chains.
-PYFT_MULTIVERSION
-void dot_rows_pair(const float* __restrict w, int64_t rows, int64_t d, const float* __restrict x0,
-                   const float* __restrict x1, const float* __restrict bias, float* __restrict z0,
-                   float* __restrict z1) {
-  int64_t c = 0;
-  for (; c + 4 <= rows; c += 4) {
-    const float *w0 = w + c * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-    for (int64_t j = 0; j < d; ++j) {
-      const float u = x0[j], v = x1[j];
-      a0 += w0[j] * u; b0 += w0[j] * v;
-      a1 += w1[j] * u; b1 += w1[j] * v;
-      a2 += w2[j] * u; b2 += w2[j] * v;
-      a3 += w3[j] * u; b3 += w3[j] * v;
-    }
-    z0[c] = a0 + bias[c]; z0[c + 1] = a1 + bias[c + 1];
-    z0[c + 2] = a2 + bias[c + 2]; z0[c + 3] = a3 + bias[c + 3];
-    z1[c] = b0 + bias[c]; z1[c + 1] = b1 + bias[c + 1];
-    z1[c + 2] = b2 + bias[c + 2]; z1[c + 3] = b3 + bias[c + 3];
-  }
-  for (; c + 2 <= rows; c += 2) {
-    const float *w0 = w + c * d, *w1 = w0 + d;
-    float a0 = 0, a1 = 0, b0 = 0, b1 = 0;
-#pragma omp simd reduction(+ : a0, a1, b0, b1)
-    for (int64_t j = 0; j < d; ++j) {
-      const float u = x0[j], v = x1[j];
-      a0 += w0[j] * u; b0 += w0[j] * v;
-      a1 += w1[j] * u; b1 += w1[j] * v;
-    }
-    z0[c] = a0 + bias[c]; z0[c + 1] = a1 + bias[c + 1];
-    z1[c] = b0 + bias[c]; z1[c + 1] = b1 + bias[c + 1];
-  }
-  for (; c < rows; ++c) {
-    const float* w0 = w + c * d;
-    float a0 = 0, b0 = 0;
-#pragma omp simd reduction(+ : a0, b0)
-    for (int64_t j = 0; j < d; ++j) {
-      a0 += w0[j] * x0[j];
-      b0 += w0[j] * x1[j];
-    }
-    z0[c] = a0 + bias[c];
-    z1[c] = b0 + bias[c];
-  }
-}
-
 // Eight rows per pass over W and the gradient: explicit 8-lane vectors (GCC vector extensions,
 // lowered to AVX2 in the x86-64-v3 clone and to SSE pairs in the baseline one) so that the eight
 // per-row accumulators and coefficients stay in registers.
@@ -192,108 +103,6 @@ void axpy_rows8(float* __restrict g, int64_t rows, int64_t d, const float* __res
       for (int r = 0; r < 8; ++r) t += a[r] * xs[r][j];
       gc[j] = t;
     }
-  }
-}
-
-// Logits of four rows at once: two classes x four rows = eight FMA chains; every W load feeds
-// four rows and every x load two classes.
-PYFT_MULTIVERSION
-void dot_rows_quad(const float* __restrict w, int64_t rows, int64_t d,
-                   const float* const* __restrict xs, const float* __restrict bias,
-                   float* __restrict z /* 4 x rows */) {
-  const float* __restrict x0 = xs[0];
-  const float* __restrict x1 = xs[1];
-  const float* __restrict x2 = xs[2];
-  const float* __restrict x3 = xs[3];
-  int64_t c = 0;
-  for (; c + 2 <= rows; c += 2) {
-    const float *wa = w + c * d, *wb = wa + d;
-    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-    for (int64_t j = 0; j < d; ++j) {
-      const float u = wa[j], v = wb[j];
-      a0 += u * x0[j]; a1 += u * x1[j]; a2 += u * x2[j]; a3 += u * x3[j];
-      b0 += v * x0[j]; b1 += v * x1[j]; b2 += v * x2[j]; b3 += v * x3[j];
-    }
-    z[c] = a0 + bias[c]; z[rows + c] = a1 + bias[c];
-    z[2 * rows + c] = a2 + bias[c]; z[3 * rows + c] = a3 + bias[c];
-    z[c + 1] = b0 + bias[c + 1]; z[rows + c + 1] = b1 + bias[c + 1];
-    z[2 * rows + c + 1] = b2 + bias[c + 1]; z[3 * rows + c + 1] = b3 + bias[c + 1];
-  }
-  for (; c < rows; ++c) {
-    const float* wa = w + c * d;
-    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t j = 0; j < d; ++j) {
-      const float u = wa[j];
-      a0 += u * x0[j]; a1 += u * x1[j]; a2 += u * x2[j]; a3 += u * x3[j];
-    }
-    z[c] = a0 + bias[c]; z[rows + c] = a1 + bias[c];
-    z[2 * rows + c] = a2 + bias[c]; z[3 * rows + c] = a3 + bias[c];
-  }
-}
-
-// g[c] += sum_r coef[r * rows + c] * x_r for four rows: one load/store of g per four FMAs.
-PYFT_MULTIVERSION
-void axpy_rows4(float* __restrict g, int64_t rows, int64_t d, const float* __restrict coef,
-                const float* const* __restrict xs) {
-  const float* __restrict x0 = xs[0];
-  const float* __restrict x1 = xs[1];
-  const float* __restrict x2 = xs[2];
-  const float* __restrict x3 = xs[3];
-  int64_t c = 0;
-  // Two classes per pass: each x load feeds two gradient rows (6 loads per 8 FMAs, not 10).
-  for (; c + 2 <= rows; c += 2) {
-    float* __restrict ga = g + c * d;
-    float* __restrict gb = ga + d;
-    const float a0 = coef[c], a1 = coef[rows + c], a2 = coef[2 * rows + c], a3 = coef[3 * rows + c];
-    const float b0 = coef[c + 1], b1 = coef[rows + c + 1], b2 = coef[2 * rows + c + 1],
-                b3 = coef[3 * rows + c + 1];
-    for (int64_t j = 0; j < d; ++j) {
-      const float u0 = x0[j], u1 = x1[j], u2 = x2[j], u3 = x3[j];
-      // Written as FMA chains on g (not a sum of products) so each term is one FMA.
-      float ta = ga[j], tb = gb[j];
-      ta += a0 * u0; tb += b0 * u0;
-      ta += a1 * u1; tb += b1 * u1;
-      ta += a2 * u2; tb += b2 * u2;
-      ta += a3 * u3; tb += b3 * u3;
-      ga[j] = ta;
-      gb[j] = tb;
-    }
-  }
-  for (; c < rows; ++c) {
-    float* gc = g + c * d;
-    const float a0 = coef[c], a1 = coef[rows + c], a2 = coef[2 * rows + c], a3 = coef[3 * rows + c];
-    for (int64_t j = 0; j < d; ++j) {
-      float t = gc[j];
-      t += a0 * x0[j];
-      t += a1 * x1[j];
-      t += a2 * x2[j];
-      t += a3 * x3[j];
-      gc[j] = t;
-    }
-  }
-}
-
-// g[c] += coef0[c] * x0 + coef1[c] * x1: two rows per pass halve the gradient's load/store traffic.
-PYFT_MULTIVERSION
-void axpy_rows2(float* __restrict g, int64_t rows, int64_t d, const float* __restrict coef0,
-                const float* __restrict x0, const float* __restrict coef1,
-                const float* __restrict x1) {
-  for (int64_t c = 0; c < rows; ++c) {
-    float* gc = g + c * d;
-    const float a0 = coef0[c], a1 = coef1[c];
-    for (int64_t j = 0; j < d; ++j) gc[j] += a0 * x0[j] + a1 * x1[j];
-  }
-}
-
-PYFT_MULTIVERSION
-void axpy_rows(float* __restrict g, int64_t rows, int64_t d, const float* __restrict coef,
-               const float* __restrict x) {
-  for (int64_t c = 0; c < rows; ++c) {
-    float* gc = g + c * d;
-    const float a = coef[c];
-    for (int64_t j = 0; j < d; ++j) gc[j] += a * x[j];
   }
 }
 
@@ -392,49 +201,6 @@ double ce_row_loss(const float* z, int64_t C, int64_t y, const LossSpec& loss, b
   return l;
 }
 
-double ce_row_grad(float* z, int64_t C, int64_t y, const LossSpec& loss, float inv_denom,
-                   bool* correct) {
-  float mx = z[0];
-  int64_t arg = 0;
-  for (int64_t c = 1; c < C; ++c)
-    if (z[c] > mx) {
-      mx = z[c];
-      arg = c;
-    }
-  float se = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
-    const float e = std::exp(z[c] - mx);
-    se += e;
-  }
-  const float lse = mx + std::log(se);
-  const float eps = loss.label_smoothing;
-  const float wy = loss.weight(y);
-  double l = (1.0 - eps) * wy * static_cast<double>(lse - z[y]);
-  if (eps > 0.0f) {
-    double s = 0.0;
-    float wsum = 0.0f;
-    for (int64_t c = 0; c < C; ++c) {
-      s += loss.weight(c) * static_cast<double>(lse - z[c]);
-      wsum += loss.weight(c);
-    }
-    l += eps / C * s;
-    // dL/dz_c = (A p_c - a_c), a_c = (1-eps) w_y [c==y] + eps/C w_c, A = sum_c a_c
-    const float A = (1.0f - eps) * wy + eps / C * wsum;
-    for (int64_t c = 0; c < C; ++c) {
-      const float p = std::exp(z[c] - lse);
-      const float a = eps / C * loss.weight(c) + (c == y ? (1.0f - eps) * wy : 0.0f);
-      z[c] = (A * p - a) * inv_denom;
-    }
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const float p = std::exp(z[c] - lse);
-      z[c] = wy * (p - (c == y ? 1.0f : 0.0f)) * inv_denom;
-    }
-  }
-  *correct = (arg == y);
-  return l;
-}
-
 namespace {
 
 /// Softmax cross-entropy for rows [0, rows) of a logits block (bias already added): z is replaced
@@ -499,13 +265,14 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
                          const int64_t* idx, int64_t start, int64_t count, const int64_t* labels,
                          const LossSpec& loss, double inv_denom, float* grad, bool accumulate,
                          Workspace& ws, int n_threads, const SliceUpdate* update) {
+  constexpr int R = 8;  // rows per pass over W and the gradient
   const int64_t C = spec.classes, D = spec.in_features;
   const float* W = params;
   const float* b = params + C * D;
   const int64_t G = C * D + C;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / 8)));
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / R)));
   grow(ws.tgrad, static_cast<size_t>(nt) * G);
-  const int64_t per_thread = 8 * D + 8 * C + 8 * C;
+  const int64_t per_thread = R * D + 2 * R * C;
   grow(ws.rowbuf, static_cast<size_t>(nt) * per_thread);
   grow(ws.tloss, nt);
   grow(ws.tcorrect, nt);
@@ -520,84 +287,42 @@ BatchResult fused_linear(const HeadSpec& spec, const float* params, const Matrix
     partition(count, nt, t, &lo, &hi);
     bool nonfinite = false;
     float* tg = ws.tgrad.data() + static_cast<size_t>(t) * G;
-    float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;  // 8 x D
-    float* buf0 = bufs;
-    float* buf1 = bufs + D;
-    float* z0 = bufs + 8 * D;  // 8 x C logits block for the vectorized softmax
-    float* z1 = z0 + C;
-    float* e2 = z0 + 8 * C;
-    double pair_loss[8];
-    uint8_t pair_ok[8];
     float* tb = tg + C * D;
+    float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;  // R x D
+    float* z = bufs + R * D;  // R x C logits, then dL/dlogits
+    float* e = z + R * C;     // R x C scratch for the vectorized softmax
+    double row_loss[R];
+    uint8_t row_ok[R];
     std::memset(tg, 0, sizeof(float) * G);
     double lsum = 0.0;
     int64_t ok = 0;
-    // Shuffled rows defeat the hardware prefetcher. Touch the head of rows PF_DIST ahead so
-    // that their first misses overlap with this pair's work and the L2 streamer takes over.
+    // Shuffled rows defeat the hardware prefetcher: touch rows PF_DIST ahead so that their
+    // misses overlap with this group's work.
     const int64_t PF_DIST = PYFT_PF_DIST, PF_BYTES = PYFT_PF_BYTES;
     for (int64_t q = lo; q < std::min(hi, lo + PF_DIST); ++q)
       prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
-    int64_t r = lo;
-    // Eight rows at a time (W and the gradient are read once per eight rows), then 4, 2, 1.
-    for (; r + 8 <= hi; r += 8) {
-      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 8); ++q)
+    for (int64_t r = lo; r < hi; r += R) {
+      const int k = static_cast<int>(std::min<int64_t>(R, hi - r));
+      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + R); ++q)
         prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
-      const float* xs[8];
-      for (int k = 0; k < 8; ++k)
-        xs[k] = row_as_f32(X, idx ? idx[r + k] : start + r + k, bufs + k * D);
-      dot_rows_oct(W, C, D, xs, b, z0);
-      nonfinite |= !finite_span(z0, 8 * C);
-      ce_block_grad(z0, e2, 8, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
-                    pair_loss, pair_ok);
-      for (int k = 0; k < 8; ++k) {
-        lsum += pair_loss[k];
-        ok += pair_ok[k];
+      const float* xs[R];
+      for (int j = 0; j < k; ++j)
+        xs[j] = row_as_f32(X, idx ? idx[r + j] : start + r + j, bufs + j * D);
+      for (int j = k; j < R; ++j) xs[j] = xs[0];  // a short last group repeats a valid row
+      dot_rows_oct(W, C, D, xs, b, z);
+      nonfinite |= !finite_span(z, k * C);
+      ce_block_grad(z, e, k, C, labels, idx ? idx + r : nullptr, start + r, loss, invd, row_loss,
+                    row_ok);
+      std::fill(z + k * C, z + R * C, 0.0f);  // padded rows add nothing to the gradient
+      for (int j = 0; j < k; ++j) {
+        lsum += row_loss[j];
+        ok += row_ok[j];
       }
-      axpy_rows8(tg, C, D, z0, xs);
+      axpy_rows8(tg, C, D, z, xs);
       for (int64_t c = 0; c < C; ++c) {
         float sb = 0.0f;
-        for (int k = 0; k < 8; ++k) sb += z0[k * C + c];
+        for (int j = 0; j < k; ++j) sb += z[j * C + c];
         tb[c] += sb;
-      }
-    }
-    for (; r + 4 <= hi; r += 4) {
-      for (int64_t q = r + PF_DIST; q < std::min(hi, r + PF_DIST + 4); ++q)
-        prefetch_row(X, idx ? idx[q] : start + q, PF_BYTES);
-      const float* xs[4];
-      for (int k = 0; k < 4; ++k)
-        xs[k] = row_as_f32(X, idx ? idx[r + k] : start + r + k, bufs + k * D);
-      dot_rows_quad(W, C, D, xs, b, z0);
-      nonfinite |= !finite_span(z0, 4 * C);
-      ce_block_grad(z0, e2, 4, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
-                    pair_loss, pair_ok);
-      lsum += (pair_loss[0] + pair_loss[1]) + (pair_loss[2] + pair_loss[3]);
-      ok += pair_ok[0] + pair_ok[1] + pair_ok[2] + pair_ok[3];
-      axpy_rows4(tg, C, D, z0, xs);
-      for (int64_t c = 0; c < C; ++c) tb[c] += (z0[c] + z0[C + c]) + (z0[2 * C + c] + z0[3 * C + c]);
-    }
-    for (; r < hi; r += 2) {
-      const bool pair = r + 1 < hi;
-      const int64_t i0 = idx ? idx[r] : start + r;
-      const float* x0 = row_as_f32(X, i0, buf0);
-      bool correct;
-      if (pair) {
-        const int64_t i1 = idx ? idx[r + 1] : start + r + 1;
-        const float* x1 = row_as_f32(X, i1, buf1);
-        dot_rows_pair(W, C, D, x0, x1, b, z0, z1);
-        nonfinite |= !finite_span(z0, 2 * C);
-        ce_block_grad(z0, e2, 2, C, labels, idx ? idx + r : nullptr, start + r, loss, invd,
-                      pair_loss, pair_ok);
-        lsum += pair_loss[0] + pair_loss[1];
-        ok += pair_ok[0] + pair_ok[1];
-        axpy_rows2(tg, C, D, z0, x0, z1, x1);
-        for (int64_t c = 0; c < C; ++c) tb[c] += z0[c] + z1[c];
-      } else {
-        dot_rows(W, C, D, x0, b, z0);
-        nonfinite |= !finite_span(z0, C);
-        lsum += ce_row_grad(z0, C, labels[i0], loss, invd, &correct);
-        ok += correct;
-        axpy_rows(tg, C, D, z0, x0);
-        for (int64_t c = 0; c < C; ++c) tb[c] += z0[c];
       }
     }
     ws.tloss[t] = lsum;
@@ -795,9 +520,12 @@ bool forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, 
                     int64_t count, float* out, Workspace& ws, int n_threads) {
   const int64_t D = spec.in_features, C = spec.classes, H = spec.hidden;
   if (spec.kind == HeadKind::Linear && use_fused_kernel(spec, KernelChoice::Auto)) {
-    // Row by row: each row's logits do not depend on which other rows share the call.
-    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / 8)));
-    grow(ws.rowbuf, static_cast<size_t>(nt) * (D + C));
+    // Eight rows per pass, as in training; each row has its own accumulators, so its logits do
+    // not depend on which other rows share the call.
+    constexpr int R = 8;
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, count / R)));
+    const int64_t per_thread = R * D + R * C;
+    grow(ws.rowbuf, static_cast<size_t>(nt) * per_thread);
     const float* W = params;
     const float* b = params + C * D;
 #if defined(PYFT_WITH_OPENMP)
@@ -807,10 +535,15 @@ bool forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, 
       const int t = thread_id();
       int64_t lo, hi;
       partition(count, nt, t, &lo, &hi);
-      float* buf = ws.rowbuf.data() + static_cast<size_t>(t) * (D + C);
-      for (int64_t r = lo; r < hi; ++r) {
-        const float* x = row_as_f32(X, start + r, buf);
-        dot_rows(W, C, D, x, b, out + r * C);
+      float* bufs = ws.rowbuf.data() + static_cast<size_t>(t) * per_thread;
+      float* z = bufs + R * D;
+      for (int64_t r = lo; r < hi; r += R) {
+        const int k = static_cast<int>(std::min<int64_t>(R, hi - r));
+        const float* xs[R];
+        for (int j = 0; j < k; ++j) xs[j] = row_as_f32(X, start + r + j, bufs + j * D);
+        for (int j = k; j < R; ++j) xs[j] = xs[0];
+        dot_rows_oct(W, C, D, xs, b, z);
+        std::memcpy(out + r * C, z, sizeof(float) * k * C);
       }
     }
     return !finite_span(out, count * C);

@@ -105,11 +105,6 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
 bool forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, int64_t start,
                     int64_t count, float* out, Workspace& ws, int n_threads);
 
-/// Softmax cross-entropy of one row. `z` (C logits) is replaced by the gradient times inv_denom;
-/// returns the weighted loss (not yet times inv_denom). *correct is set when argmax == y.
-double ce_row_grad(float* z, int64_t C, int64_t y, const LossSpec& loss, float inv_denom,
-                   bool* correct);
-
 /// Weighted loss of one row without the gradient (for evaluation).
 double ce_row_loss(const float* z, int64_t C, int64_t y, const LossSpec& loss, bool* correct);
 
