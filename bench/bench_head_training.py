@@ -37,12 +37,11 @@ import sys
 import time
 
 import numpy as np
+import torch  # noqa: E402  (after pyft so pyft's OpenBLAS is loaded first; order is irrelevant)
+import torch.nn.functional as F  # noqa: E402
 
 import pyft
 from pyft import _core
-
-import torch  # noqa: E402  (after pyft so pyft's OpenBLAS is loaded first; order is irrelevant)
-import torch.nn.functional as F  # noqa: E402
 
 SHAPES = [(50000, 512, 10), (50000, 384, 2), (50000, 2048, 100), (20000, 2048, 1000)]
 # Target speed-up of pyft over the torch eager loop, per shape.
@@ -702,7 +701,7 @@ def main(argv=None):
             bench_shape(shape, peaks, args, results)
 
     if args.kernels:
-        log(f"\n== kernels: fused vs blas at N=50000 D=512, SGD, s/epoch ==")
+        log("\n== kernels: fused vs blas at N=50000 D=512, SGD, s/epoch ==")
         bench_kernels(args, results)
 
     if not args.no_sklearn:

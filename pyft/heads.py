@@ -390,29 +390,30 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             self.intercept_ = params[num_classes * n_features:]
         return self
 
-    def _progress(self, total: int, unit: str):
-        if not self.verbose:
-            return None
-        from tqdm.auto import tqdm
+    def _monitor(self, total: int, unit: str, keys):
+        """A native-loop callback that records history, drives the progress bar (verbose) and
+        forwards to the user's callback; returns (callback, history, close)."""
+        history: List[Dict[str, Any]] = []
+        bar = None
+        if self.verbose:
+            from tqdm.auto import tqdm
 
-        return tqdm(total=total, unit=unit, desc=f"pyft {self.head} head")
+            bar = tqdm(total=total, unit=unit, desc=f"pyft {self.head} head")
+        user_cb = self.callback
+
+        def callback(info):
+            history.append(info)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{info[k]:.5g}" for k in keys if k in info})
+            return True if user_cb is None else user_cb(info)
+
+        return callback, history, (bar.close if bar is not None else (lambda: None))
 
     def _fit_lbfgs(self, params, X, bf16, y, num_classes, class_weights, n_threads):
         n = X.shape[0]
         weight_sum = float(class_weights[y].sum()) if class_weights is not None else float(n)
-        history: List[Dict[str, Any]] = []
-        bar = self._progress(int(self.max_iter), "it")
-        user_cb = self.callback
-
-        def on_iter(info):
-            history.append(info)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(objective=f"{info['objective']:.5g}")
-            if user_cb is not None:
-                return user_cb(info)
-            return True
-
+        on_iter, history, close = self._monitor(int(self.max_iter), "it", ("objective",))
         try:
             res = _core.train_head_lbfgs(
                 params, X, y, num_classes=num_classes, bfloat16=bf16,
@@ -421,8 +422,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                 tol=float(self.tol), n_threads=n_threads, callback=on_iter,
             )
         finally:
-            if bar is not None:
-                bar.close()
+            close()
         if not res["converged"] and res["message"] == "reached max_iter":
             warnings.warn(
                 f"L-BFGS did not converge in max_iter={self.max_iter} iterations (largest "
@@ -455,22 +455,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         batch = min(int(self.batch_size), n)
         steps_per_epoch = -(-n // batch)
         lr = self.lr if self.lr is not None else (0.1 if solver == "sgd" else 1e-3)
-        history: List[Dict[str, Any]] = []
-        bar = self._progress(int(self.epochs), "epoch")
-        user_cb = self.callback
-
-        def on_epoch(info):
-            history.append(info)
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{info['train_loss']:.4f}"}
-                if "val_loss" in info:
-                    post["val_loss"] = f"{info['val_loss']:.4f}"
-                bar.set_postfix(post)
-            if user_cb is not None:
-                return user_cb(info)
-            return True
-
+        on_epoch, history, close = self._monitor(int(self.epochs), "epoch",
+                                                 ("train_loss", "val_loss"))
         try:
             res = _core.train_head(
                 params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
@@ -479,7 +465,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                 label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
                 weight_decay=float(self.weight_decay),
                 momentum=float(self.momentum) if solver == "sgd" else 0.0,
-                nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1), beta2=float(self.beta2),
+                nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
+                beta2=float(self.beta2),
                 eps=float(self.eps), schedule=self.schedule,
                 warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
                 min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
@@ -489,8 +476,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                 min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
             )
         finally:
-            if bar is not None:
-                bar.close()
+            close()
         self.n_iter_ = int(res["epochs_run"])
         self.history_ = history
         self.best_epoch_ = int(res["best_epoch"])

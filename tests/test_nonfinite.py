@@ -42,7 +42,6 @@ def test_lowest_bad_row_reported_whatever_the_batch_order(data, kernel):
     X[250, 1] = np.inf
     X[40, 7] = -np.inf
     p = pyft.init_head_params("linear", D, C)
-    before = p.copy()
     for seed in range(3):
         with pytest.raises(ValueError, match=r"row 40, column 7"):
             _core.train_head(p, X, y, num_classes=C, batch_size=16, seed=seed, kernel=kernel)
