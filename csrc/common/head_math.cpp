@@ -111,7 +111,32 @@ void axpy_rows8(float* __restrict g, int64_t rows, int64_t d, const float* __res
 // -ffast-math. Inputs below -87 give a tiny positive value, as softmax needs.
 PYFT_MULTIVERSION
 void exp_block(const float* __restrict x, float* __restrict out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const int64_t n8 = n & ~int64_t(7);
+  // Explicit 8-lane vectors: the scalar form below does not auto-vectorize (clamp, floor and
+  // the exponent bit trick defeat GCC's vectorizer).
+  for (int64_t i = 0; i < n8; i += 8) {
+    v8f v = *reinterpret_cast<const v8f*>(x + i);
+    v = v < -87.0f ? v8f{} - 87.0f : v;
+    v = v > 88.0f ? v8f{} + 88.0f : v;
+    const v8f fx = v * 1.44269504088896341f + 0.5f;
+    v8i k = __builtin_convertvector(fx, v8i);
+    k += (__builtin_convertvector(k, v8f) > fx);  // floor: the comparison mask is -1 where true
+    const v8f kf = __builtin_convertvector(k, v8f);
+    v8f r = v - kf * 0.693359375f;
+    r = r + kf * 2.12194440e-4f;
+    const v8f r2 = r * r;
+    v8f p = v8f{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    const v8i bits = (k + 127) << 23;
+    *reinterpret_cast<v8f*>(out + i) = p * reinterpret_cast<const v8f&>(bits);
+  }
+  for (int64_t i = n8; i < n; ++i) {
     float v = x[i];
     v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
     const float fx = v * 1.44269504088896341f + 0.5f;
