@@ -428,7 +428,7 @@ whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch 
   m.def("train_head_lbfgs", &train_head_lbfgs_py, "params"_a, "features"_a, "labels"_a,
         py::kw_only(), "num_classes"_a, "bfloat16"_a = false, "class_weights"_a = py::none(),
         "label_smoothing"_a = 0.0, "l2"_a = 0.0, "max_iter"_a = 1000, "tol"_a = 1e-4,
-        "ftol"_a = 1e-9, "history"_a = 10, "n_threads"_a = 0, "kernel"_a = "auto",
+        "ftol"_a = 1e-9, "history"_a = 0, "n_threads"_a = 0, "kernel"_a = "auto",
         "callback"_a = py::none(),
         "Full-batch L-BFGS for the linear head (objective: weighted mean cross-entropy + l2/2 ||W||^2).");
 

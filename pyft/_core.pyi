@@ -61,7 +61,7 @@ def train_head_lbfgs(
     max_iter: int = 1000,
     tol: float = 1e-4,
     ftol: float = 1e-9,
-    history: int = 10,
+    history: int = 0,
     n_threads: int = 0,
     kernel: str = "auto",
     callback: Optional[Callable[[Dict[str, Any]], Any]] = None,

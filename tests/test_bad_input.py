@@ -384,7 +384,7 @@ def test_native_dropout(X, y, dropout):
         (dict(max_iter=0), r"max_iter must be >= 1; got 0"),
         (dict(tol=-1.0), r"tol must be >= 0; got -1"),
         (dict(ftol=float("nan")), r"ftol must be >= 0; got nan"),
-        (dict(history=0), r"history must be >= 1; got 0"),
+        (dict(history=-1), r"history must be >= 0 \(0: automatic\); got -1"),
         (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\); got 1.5"),
     ],
 )

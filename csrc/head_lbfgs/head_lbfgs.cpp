@@ -34,7 +34,8 @@ LbfgsResult train_head_lbfgs(const HeadSpec& spec, float* params, const Matrix& 
   PYFT_CHECK(opt.max_iter >= 1, "max_iter must be >= 1; got %lld", (long long)opt.max_iter);
   PYFT_CHECK(std::isfinite(opt.tol) && opt.tol >= 0.0, "tol must be >= 0; got %g", opt.tol);
   PYFT_CHECK(std::isfinite(opt.ftol) && opt.ftol >= 0.0, "ftol must be >= 0; got %g", opt.ftol);
-  PYFT_CHECK(opt.history >= 1, "history must be >= 1; got %lld", (long long)opt.history);
+  PYFT_CHECK(opt.history >= 0, "history must be >= 0 (0: automatic); got %lld",
+             (long long)opt.history);
   PYFT_CHECK(opt.max_linesearch >= 1, "max_linesearch must be >= 1; got %lld",
              (long long)opt.max_linesearch);
   return cpu::train_head_lbfgs(spec, params, X, labels, loss, opt, on_iter, interrupted);
