@@ -20,7 +20,7 @@ struct LbfgsOptions {
   int64_t max_iter = 1000;
   double tol = 1e-4;    ///< stop when max |gradient| <= tol
   double ftol = 1e-9;   ///< stop when (f_prev - f) / max(|f_prev|, |f|, 1) <= ftol
-  int64_t history = 0;  ///< curvature pairs kept; 0: automatic (up to 50, within 256 MB)
+  int64_t history = 0;  ///< curvature pairs kept; 0: automatic (up to 100, within 256 MB)
   int64_t max_linesearch = 25;
   int n_threads = 0;
   KernelChoice kernel = KernelChoice::Auto;
