@@ -56,12 +56,11 @@ namespace {
 // lowered to AVX2 in the x86-64-v3 clone and to SSE pairs in the baseline one) so that the eight
 // per-row accumulators and coefficients stay in registers.
 typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 inline float hsum8(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
-
-typedef int32_t v8i __attribute__((vector_size(32)));
 
 /// out[r] = sum of the lanes of acc[r], for eight vectors at once (a transpose-and-add network:
 /// about 25 vector ops instead of 8 horizontal sums).
@@ -121,57 +120,41 @@ void axpy_rows8(float* __restrict g, int64_t rows, int64_t d, const float* __res
   }
 }
 
-// exp(x) for a block, vectorizable (Cephes expf: range reduction by ln 2 and a degree-6
-// polynomial, within 2 ulp of std::exp on [-87, 88]); libm's expf does not vectorize without
-// -ffast-math. Inputs below -87 give a tiny positive value, as softmax needs.
+// exp(x) on eight lanes (Cephes expf: range reduction by ln 2 and a degree-6 polynomial, within
+// 2 ulp of std::exp on [-87, 88]); libm's expf does not vectorize without -ffast-math, and the
+// clamp, floor and exponent bit trick defeat GCC's vectorizer in scalar form. Inputs below -87
+// give a tiny positive value, as softmax needs.
+inline v8f exp8(v8f v) {
+  v = v < -87.0f ? v8f{} - 87.0f : v;
+  v = v > 88.0f ? v8f{} + 88.0f : v;
+  const v8f fx = v * 1.44269504088896341f + 0.5f;
+  v8i k = __builtin_convertvector(fx, v8i);
+  k += (__builtin_convertvector(k, v8f) > fx);  // floor: the comparison mask is -1 where true
+  const v8f kf = __builtin_convertvector(k, v8f);
+  v8f r = v - kf * 0.693359375f;
+  r = r + kf * 2.12194440e-4f;
+  const v8f r2 = r * r;
+  v8f p = v8f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const v8i bits = (k + 127) << 23;
+  return p * reinterpret_cast<const v8f&>(bits);
+}
+
 PYFT_MULTIVERSION
 void exp_block(const float* __restrict x, float* __restrict out, int64_t n) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   const int64_t n8 = n & ~int64_t(7);
-  // Explicit 8-lane vectors: the scalar form below does not auto-vectorize (clamp, floor and
-  // the exponent bit trick defeat GCC's vectorizer).
-  for (int64_t i = 0; i < n8; i += 8) {
-    v8f v = *reinterpret_cast<const v8f*>(x + i);
-    v = v < -87.0f ? v8f{} - 87.0f : v;
-    v = v > 88.0f ? v8f{} + 88.0f : v;
-    const v8f fx = v * 1.44269504088896341f + 0.5f;
-    v8i k = __builtin_convertvector(fx, v8i);
-    k += (__builtin_convertvector(k, v8f) > fx);  // floor: the comparison mask is -1 where true
-    const v8f kf = __builtin_convertvector(k, v8f);
-    v8f r = v - kf * 0.693359375f;
-    r = r + kf * 2.12194440e-4f;
-    const v8f r2 = r * r;
-    v8f p = v8f{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    const v8i bits = (k + 127) << 23;
-    *reinterpret_cast<v8f*>(out + i) = p * reinterpret_cast<const v8f&>(bits);
-  }
-  for (int64_t i = n8; i < n; ++i) {
-    float v = x[i];
-    v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
-    const float fx = v * 1.44269504088896341f + 0.5f;
-    int32_t k = static_cast<int32_t>(fx);
-    k -= (static_cast<float>(k) > fx) ? 1 : 0;  // floor
-    const float kf = static_cast<float>(k);
-    float r = v - kf * 0.693359375f;
-    r = r + kf * 2.12194440e-4f;
-    const float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    out[i] = p * scale;
+  for (int64_t i = 0; i < n8; i += 8)
+    *reinterpret_cast<v8f*>(out + i) = exp8(*reinterpret_cast<const v8f*>(x + i));
+  if (n8 < n) {  // the tail goes through the same lanes, zero-padded
+    v8f tail = {};
+    for (int64_t i = n8; i < n; ++i) tail[i - n8] = x[i];
+    tail = exp8(tail);
+    for (int64_t i = n8; i < n; ++i) out[i] = tail[i - n8];
   }
 }
 
