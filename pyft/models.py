@@ -259,7 +259,7 @@ class FineTunableModel(nn.Module):
             h.update(k.encode())
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
     def describe(self) -> Dict[str, Any]:
