@@ -213,7 +213,10 @@ class FineTunableModel(nn.Module):
                 if isinstance(x, (tuple, list)):
                     x = x[0]
                 if i not in captured:
-                    captured[i] = _pool(x, mask) if pool else x
+                    y = _pool(x, mask) if pool else x
+                    # A copy unless the pass stops here: a later in-place operation (a
+                    # ReLU(inplace=True) after the tap) would change the captured tensor.
+                    captured[i] = y if i == last else y.clone()
                 if i == last:
                     raise _Stop
             return hook
