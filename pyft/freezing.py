@@ -109,12 +109,8 @@ def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
-def _keep_frozen_in_eval(train_bn: bool) -> Any:
-    def hook(module: nn.Module, _args: Any) -> None:
-        for m in module.modules():
-            if m.training and not (train_bn and _is_bn(m)):
-                m.training = False
-    return hook
+def _keep_in_eval(module: nn.Module, _args: Any) -> None:
+    module.training = False
 
 
 def apply_policy(model: "FineTunableModel", policy: Union[str, Policy] = "head_only", *,
@@ -175,7 +171,11 @@ def apply_policy(model: "FineTunableModel", policy: Union[str, Policy] = "head_o
     for name in frozen_modules:
         for q in net.get_submodule(name).parameters():
             frozen_ids.add(id(q))
-    if p.name == "freeze_first" and k:
+    if p.name == "head_only":
+        # Also parameters held directly by the modules on the path to the head (e.g. a ViT's
+        # cls_token and pos_embed on the root module).
+        frozen_ids |= {id(q) for q in net.parameters() if id(q) not in head_ids}
+    elif p.name == "freeze_first" and k:
         # Parameters outside every block (e.g. a position embedding on the root module) go
         # with the first block.
         frozen_ids |= {id(q) for q in net.parameters() if id(q) not in block_of and id(q) not in head_ids}
@@ -188,11 +188,16 @@ def apply_policy(model: "FineTunableModel", policy: Union[str, Policy] = "head_o
         q.requires_grad_(id(q) not in frozen_ids)
 
     model._frozen_eval = list(frozen_modules)
-    hook = _keep_frozen_in_eval(p.train_bn)
+    # A hook on every module of the frozen part, not only on its roots: a container such as a
+    # ModuleList is never called itself, so a hook on it would never run.
+    hooked = set()
     for name in frozen_modules:
-        model._frozen_hooks.append(net.get_submodule(name).register_forward_pre_hook(hook))
+        for m in net.get_submodule(name).modules():
+            if id(m) not in hooked and not (p.train_bn and _is_bn(m)):
+                hooked.add(id(m))
+                model._frozen_hooks.append(m.register_forward_pre_hook(_keep_in_eval))
+    model.policy = p  # before train(): it reads policy.train_bn
     model.train(model.training)
-    model.policy = p
 
     # Learning rates.
     def body_lr(block: Optional[int]) -> float:

@@ -245,8 +245,14 @@ class FineTunableModel(nn.Module):
 
     def train(self, mode: bool = True) -> "FineTunableModel":
         super().train(mode)
+        train_bn = self.policy is not None and self.policy.train_bn
         for name in self._frozen_eval:  # frozen modules keep inference behaviour
-            self.net.get_submodule(name).train(False)
+            frozen = self.net.get_submodule(name)
+            frozen.train(False)
+            if train_bn:  # ... except BatchNorm, which train_bn=True lets train
+                for m in frozen.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train(mode)
         return self
 
     # ------------------------------------------------------------------ identity
