@@ -830,15 +830,20 @@ def load_model(spec: Union[str, nn.Module], num_classes: Optional[int], weights:
     seed : int
         Seed of the new head's initialisation.
     """
-    if isinstance(spec, nn.Module):
-        return wrap_model(spec, num_classes, head=head, weights=weights)
-    if not isinstance(spec, str):
+    if not isinstance(spec, (str, nn.Module)):
         raise TypeError(f"spec must be a model name or an nn.Module; got {type(spec).__name__}")
     num_classes = _check_num_classes(num_classes)
     if weights is not None and weights != "random" and not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be None, a file path or 'random'; got {type(weights).__name__}")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))):
         raise TypeError(f"image_size must be an int; got {image_size!r}")
+    if isinstance(spec, nn.Module):
+        pre = None
+        if image_size is not None:
+            pre = ImagePreprocessing((224, 224), IMAGENET_MEAN, IMAGENET_STD,
+                                     resize=256).with_input_size(image_size)
+        return wrap_model(spec, num_classes, head=head, weights=weights, preprocessing=pre,
+                          seed=seed)
 
     canonical = _ALIASES.get(spec.lower()) if ":" not in spec else None
     kind = "image"
@@ -895,15 +900,17 @@ def wrap_model(module: nn.Module, num_classes: Optional[int], *, head: Optional[
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     num_classes = _check_num_classes(num_classes)
     head_name = find_head(module, head)
-    if weights not in (None, "random"):
-        load_weights_into(module, read_state_dict(weights), source=f"file {os.fspath(weights)!r}",
-                          spec=type(module).__name__, head_name=head_name)
     if blocks is None:
         blocks = _generic_blocks(module, head_name)
     if not blocks:
         raise ValueError(
             f"{type(module).__name__} has no parameterised module before its head {head_name!r}; "
             "there is nothing to fine-tune besides the head")
+    source = "user module"
+    if weights not in (None, "random"):  # the last check, and the first change to the module
+        load_weights_into(module, read_state_dict(weights), source=f"file {os.fspath(weights)!r}",
+                          spec=type(module).__name__, head_name=head_name)
+        source = os.fspath(weights)
     pre = preprocessing or ImagePreprocessing((224, 224), IMAGENET_MEAN, IMAGENET_STD, resize=256)
     source_classes = module.get_submodule(head_name).out_features
     if num_classes is not None:
@@ -911,4 +918,4 @@ def wrap_model(module: nn.Module, num_classes: Optional[int], *, head: Optional[
     return FineTunableModel(
         module, spec=type(module).__name__, kind=getattr(pre, "kind", "image"),
         num_classes=num_classes or source_classes, head_name=head_name, blocks=blocks,
-        preprocessing=pre, pretrained=True, weights_source="user module")
+        preprocessing=pre, pretrained=True, weights_source=source)
