@@ -112,8 +112,8 @@ class ImagePreprocessing:
         elif (h, w) != (th, tw):
             x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False,
                               antialias=True)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
 
 
@@ -150,6 +150,11 @@ def _as_nchw_float(images: Any) -> Any:
         else:
             raise TypeError(f"images must be uint8 or floating point; got dtype {x.dtype}")
     if x.ndim == 3:  # (n, H, W) grayscale
+        if x.shape[-1] in (3, 4) and min(x.shape[0], x.shape[1]) > 4:
+            raise ValueError(
+                f"images of shape {tuple(x.shape)} look like one (H, W, C) image, not a batch of "
+                f"{x.shape[0]} grayscale images {x.shape[-1]} pixels wide; pass images[None]"
+            )
         x = x[:, None]
     elif x.ndim == 4:
         if x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
