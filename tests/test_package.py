@@ -223,3 +223,25 @@ def test_console_script_entry_point():
         pytest.skip("pyft declares no console script")
     main = ours[0].load()
     assert callable(main)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in readme.splitlines()
+                if line.strip().endswith("python -m pytest") and line.strip().startswith("pip install")]
+    assert len(commands) == 1, commands
+    assert commands[0] in ci.splitlines()
+    # torch is pinned wherever it is installed (an unpinned torch may pull a multi-GB build)
+    for line in readme.splitlines() + ci.splitlines():
+        if line.strip().startswith("pip install") and "torch" in line:
+            assert re.search(r'"torch==[0-9.]+"', line), line
+
+
+def test_models_are_lazy_attributes():
+    code = ("import sys, pyft; assert 'torch' not in sys.modules; "
+            "pyft.load_model; assert 'torch' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pyft.nope  # noqa: B018
