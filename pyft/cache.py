@@ -1,0 +1,500 @@
+"""Frozen-layer feature cache: run the frozen part of a model over a dataset once, store the result.
+
+An entry is a folder ``<root>/<key>/`` holding
+
+- ``features.bin``: the activations, one row per sample, raw little-endian float16 (default),
+  bfloat16 or float32, read back as a read-only ``np.memmap`` without loading it whole;
+- ``labels.npy``: the labels, when given;
+- ``manifest.json``: shape, dtype, the key's parts, and a CRC-32 per chunk of rows.
+
+The key is a SHA-256 over the frozen weights, the cut point, the preprocessing, the storage
+dtype, the numerics options and a fingerprint of the data (a hash of array bytes or texts, or each
+file's path, size and modification time). An entry whose key differs in any part is never used.
+
+Extraction writes ``features.partial`` chunk by chunk and records each finished chunk (with its
+checksum) in ``progress.json`` through a temporary file and a rename, so an interrupted run
+(Ctrl-C, kill -9) resumes from the last complete chunk; batches never straddle chunks, so the
+result is bit-identical to an uninterrupted run. The manifest is written last, by rename: an entry
+without one is never read as complete. A file lock lets one process compute while another waits
+and then reuses the entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import numpy as np
+
+__all__ = ["FeatureCache", "CacheEntry", "CacheError", "data_fingerprint", "default_cache_dir"]
+
+FORMAT_VERSION = 1
+_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+
+class CacheError(RuntimeError):
+    """A cache entry is damaged or cannot be written."""
+
+
+def default_cache_dir() -> str:
+    """``$PYFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyft``, else ``~/.cache/pyft``."""
+    env = os.environ.get("PYFT_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pyft")
+
+
+# ---------------------------------------------------------------------------- fingerprints
+def data_fingerprint(data: Any) -> Dict[str, Any]:
+    """A description of ``data`` that changes when any item changes.
+
+    Arrays and tensors: SHA-256 of their bytes, shape and dtype. Lists of strings that are
+    existing files: path, size and modification time of each. Other strings (texts): SHA-256.
+    Lists of arrays / PIL images: SHA-256 over each item's bytes and shape.
+    """
+    h = hashlib.sha256()
+    if hasattr(data, "detach") and hasattr(data, "cpu"):  # torch tensor
+        data = data.detach().cpu().numpy() if str(data.dtype) != "torch.bfloat16" \
+            else data.detach().cpu().view(-1).float().numpy()
+    if isinstance(data, np.ndarray):
+        arr = np.ascontiguousarray(data)
+        h.update(str(arr.shape).encode())
+        h.update(str(arr.dtype).encode())
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+        return {"kind": "array", "n": int(arr.shape[0]) if arr.ndim else 1, "sha256": h.hexdigest()}
+    if isinstance(data, (list, tuple)):
+        if all(isinstance(x, (str, os.PathLike)) for x in data) and data and \
+                all(os.path.isfile(os.fspath(x)) for x in data):
+            for x in data:
+                p = os.path.abspath(os.fspath(x))
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            return {"kind": "files", "n": len(data), "sha256": h.hexdigest()}
+        for x in data:
+            if isinstance(x, str):
+                h.update(b"s")
+                h.update(x.encode("utf-8", "surrogatepass"))
+                h.update(b"\0")
+            else:
+                if type(x).__module__.startswith("PIL"):
+                    x = np.asarray(x)
+                a = np.ascontiguousarray(np.asarray(x))
+                h.update(str(a.shape).encode() + str(a.dtype).encode())
+                h.update(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+        return {"kind": "list", "n": len(data), "sha256": h.hexdigest()}
+    raise TypeError(f"cannot fingerprint data of type {type(data).__name__}; pass an array, a "
+                    "tensor, or a list of arrays, images, file paths or texts")
+
+
+# ---------------------------------------------------------------------------- entries
+@dataclass
+class CacheEntry:
+    """A complete cache entry.
+
+    Attributes
+    ----------
+    path : str
+        The entry's folder.
+    features : np.memmap
+        Read-only, shape ``(n, dim)`` (or the stored activation shape), float16 by default;
+        bfloat16 entries are exposed as their uint16 bit pattern (``is_bfloat16``).
+    labels : ndarray or None
+    manifest : dict
+    """
+
+    path: str
+    features: np.ndarray
+    labels: Optional[np.ndarray]
+    manifest: Dict[str, Any]
+    reused: bool
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def is_bfloat16(self) -> bool:
+        return self.manifest["dtype"] == "bfloat16"
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _crc(block: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
+
+
+class FeatureCache:
+    """A folder of feature-cache entries (default :func:`default_cache_dir`).
+
+    Parameters
+    ----------
+    root : str, optional
+    chunk_size : int
+        Rows per chunk: the unit of checksums and of resuming (a multiple of the batch size is
+        used so batches never straddle chunks).
+    verify : {"full", "size"}
+        On reuse, ``"full"`` checks every chunk's CRC-32 (about a second per GB), ``"size"`` only
+        the file size.
+    """
+
+    def __init__(self, root: Optional[Union[str, os.PathLike]] = None, *, chunk_size: int = 2048,
+                 verify: str = "full") -> None:
+        self.root = os.fspath(root) if root is not None else default_cache_dir()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
+        if verify not in ("full", "size"):
+            raise ValueError(f"verify must be 'full' or 'size'; got {verify!r}")
+        self.chunk_size = chunk_size
+        self.verify = verify
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def make_key(parts: Dict[str, Any]) -> str:
+        blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def entry_dir(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    # ------------------------------------------------------------------ reading
+    def load(self, key: str) -> Optional[CacheEntry]:
+        """The complete entry for ``key``, ``None`` if there is none; raises on damage."""
+        d = self.entry_dir(key)
+        mpath = os.path.join(d, "manifest.json")
+        if not os.path.exists(mpath):
+            return None
+        try:
+            with open(mpath) as f:
+                man = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CacheError(f"cache entry {d} has an unreadable manifest ({e}); delete the folder "
+                             "or pass rebuild=True") from e
+        if man.get("key") != key or man.get("format") != FORMAT_VERSION:
+            raise CacheError(f"cache entry {d} has a manifest for another key or format; delete "
+                             "the folder or pass rebuild=True")
+        fpath = os.path.join(d, "features.bin")
+        shape = tuple(man["shape"])
+        dtype = np.dtype(_DTYPES[man["dtype"]])
+        expected = int(np.prod(shape)) * dtype.itemsize
+        size = os.path.getsize(fpath) if os.path.exists(fpath) else -1
+        if size != expected:
+            raise CacheError(f"cache entry {d} is damaged: features.bin has {size} bytes, the "
+                             f"manifest says {expected}; pass rebuild=True to recompute it")
+        feats = np.memmap(fpath, dtype=dtype, mode="r", shape=shape) if expected else \
+            np.zeros(shape, dtype)
+        if self.verify == "full":
+            rows = man["chunk_rows"]
+            for i, want in enumerate(man["chunk_crc32"]):
+                got = _crc(feats[i * rows:(i + 1) * rows])
+                if got != want:
+                    raise CacheError(
+                        f"cache entry {d} is damaged: rows {i * rows}-{min((i + 1) * rows, shape[0]) - 1} "
+                        f"fail their checksum; pass rebuild=True to recompute it")
+        labels = None
+        lpath = os.path.join(d, "labels.npy")
+        if os.path.exists(lpath):
+            labels = np.load(lpath)
+        return CacheEntry(d, feats, labels, man, reused=True)
+
+    # ------------------------------------------------------------------ writing
+    def get_or_compute(self, key_parts: Dict[str, Any], n: int, compute: Any, *, labels: Optional[np.ndarray] = None,
+                       dtype: str = "float16", batch_size: int = 64, rebuild: bool = False,
+                       progress: bool = True, desc: str = "extracting") -> CacheEntry:
+        """Return the entry for ``key_parts``, computing it with ``compute(start, stop)`` if needed.
+
+        ``compute(start, stop)`` returns the float32 activations of samples ``start:stop`` as an
+        array of shape ``(stop - start, *row_shape)``; it is called batch by batch, and not at all
+        when a complete entry exists.
+        """
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"the dataset must hold at least one sample; got {n}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        parts = dict(key_parts, dtype=dtype, format=FORMAT_VERSION, n=int(n))
+        key = self.make_key(parts)
+        d = self.entry_dir(key)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create the cache folder {d}: {e.strerror}; pass another "
+                             "cache directory (cache_dir=... or $PYFT_CACHE_DIR)") from e
+        if not os.access(d, os.W_OK):
+            raise CacheError(f"the cache folder {d} is not writable; pass another cache directory "
+                             "(cache_dir=... or $PYFT_CACHE_DIR)")
+        with _file_lock(os.path.join(d, ".lock")):
+            if rebuild:
+                for name in ("manifest.json", "features.bin", "features.partial", "progress.json",
+                             "labels.npy"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(d, name))
+            entry = self.load(key)
+            if entry is not None:
+                return entry
+            return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
+                                 progress, desc)
+
+    def _extract(self, d: str, key: str, parts: Dict[str, Any], n: int, compute: Any, labels: Optional[np.ndarray], dtype: str, batch_size: int,
+                 progress: bool, desc: str) -> CacheEntry:
+        from tqdm.auto import tqdm
+
+        np_dtype = np.dtype(_DTYPES[dtype])
+        rows = max(batch_size, (self.chunk_size // batch_size) * batch_size)
+        n_chunks = (n + rows - 1) // rows
+        ppath = os.path.join(d, "progress.json")
+        fpath = os.path.join(d, "features.partial")
+        done: List[int] = []
+        state = None
+        first = None  # the first batch, when computed to learn the activation shape
+        if os.path.exists(ppath) and os.path.exists(fpath):
+            try:
+                with open(ppath) as f:
+                    state = json.load(f)
+                row_shape = tuple(int(s) for s in state["row_shape"])
+                nbytes = int(np.prod((n,) + row_shape)) * np_dtype.itemsize
+            except (OSError, ValueError, KeyError, TypeError):
+                state = None
+            if state is None or state.get("key") != key or state.get("chunk_rows") != rows \
+                    or os.path.getsize(fpath) != nbytes:
+                state = None
+        if state is None:
+            first = np.asarray(compute(0, min(batch_size, n)))
+            row_shape = tuple(int(s) for s in first.shape[1:])
+            nbytes = int(np.prod((n,) + row_shape)) * np_dtype.itemsize
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fpath)
+            try:
+                with open(fpath, "wb") as f:
+                    if nbytes:
+                        try:
+                            os.posix_fallocate(f.fileno(), 0, nbytes)
+                        except AttributeError:  # pragma: no cover - not on Linux
+                            f.truncate(nbytes)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(fpath)
+                if e.errno == errno.ENOSPC:
+                    free = shutil.disk_usage(d).free
+                    raise CacheError(f"not enough disk space for the cache entry in {d}: it needs "
+                                     f"{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free") from e
+                raise CacheError(f"cannot write the cache entry in {d}: {e}") from e
+            state = {"key": key, "chunk_rows": rows, "row_shape": list(row_shape), "crc32": {}}
+            _atomic_write_json(ppath, state)
+        shape = (n,) + row_shape
+        crcs: Dict[str, int] = state["crc32"]
+        mm = np.memmap(fpath, dtype=np_dtype, mode="r+", shape=shape)
+        # Chunks recorded as done are checked before they are trusted.
+        for c in list(crcs):
+            i = int(c)
+            if _crc(mm[i * rows:(i + 1) * rows]) != crcs[c]:
+                del crcs[c]
+        done = sorted(int(c) for c in crcs)
+        bar = tqdm(total=n, desc=desc, unit="item", disable=not progress, smoothing=0.1)
+        bar.update(sum(min(rows, n - i * rows) for i in done))
+        t0 = time.perf_counter()
+        try:
+            for ci in range(n_chunks):
+                if ci in done:
+                    continue
+                lo, hi = ci * rows, min((ci + 1) * rows, n)
+                for b in range(lo, hi, batch_size):
+                    e = min(b + batch_size, hi)
+                    if b == 0 and first is not None:
+                        out, first = first, None
+                    else:
+                        out = np.asarray(compute(b, e))
+                    if out.shape != (e - b,) + row_shape:
+                        raise ValueError(
+                            f"items {b}..{e - 1} gave activations of shape {out.shape[1:]}; "
+                            f"earlier items gave {row_shape}: every item must have the same shape")
+                    if not np.isfinite(out).all():
+                        bad = int(np.argwhere(~np.isfinite(out.reshape(len(out), -1)))[0][0]) + b
+                        raise ValueError(f"the frozen layers gave NaN or infinite activations "
+                                         f"for item {bad}")
+                    mm[b:e] = _to_storage(out, dtype)
+                    bar.update(e - b)
+                mm.flush()
+                crcs[str(ci)] = _crc(mm[lo:hi])
+                _atomic_write_json(ppath, state)
+        finally:
+            bar.close()
+            del mm
+        seconds = time.perf_counter() - t0
+        if labels is not None:
+            lab = np.asarray(labels)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=d)
+            os.close(fd)
+            np.save(tmp, lab)
+            os.replace(tmp, os.path.join(d, "labels.npy"))
+        man = {
+            "key": key, "format": FORMAT_VERSION, "shape": list(shape), "dtype": dtype,
+            "chunk_rows": rows, "chunk_crc32": [crcs[str(i)] for i in range(n_chunks)],
+            "parts": parts, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "extract_seconds": seconds,
+        }
+        os.replace(fpath, os.path.join(d, "features.bin"))
+        _atomic_write_json(os.path.join(d, "manifest.json"), man)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ppath)
+        entry = self.load(key)
+        assert entry is not None
+        entry.reused = False
+        return entry
+
+
+def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return x.astype(_DTYPES[dtype])
+
+
+# ---------------------------------------------------------------------------- models
+def _frozen_part_hash(model: Any, cut: Optional[int]) -> str:
+    """SHA-256 of the weights the activations at ``cut`` depend on (``None``: the whole body)."""
+    if cut is None:
+        head = model.head_name
+        names = [n for n in model.net.state_dict() if not (n == head or n.startswith(head + "."))]
+        return model.weights_hash(names)
+    in_blocks = [m for b in model.blocks for m in b.modules]
+    prefix = [m for b in model.blocks[:cut] for m in b.modules]
+    head = model.head_name
+    outside = [n for n in model.net.state_dict()
+               if not any(n == m or n.startswith(m + ".") for m in in_blocks)
+               and not (n == head or n.startswith(head + "."))]
+    return model.weights_hash(prefix + outside)
+
+
+def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[str, int] = "head",
+                     cache_dir: Optional[Union[str, os.PathLike]] = None, dtype: str = "float16",
+                     batch_size: int = 64, channels_last: bool = False, autocast_bf16: bool = False,
+                     progress: bool = True, rebuild: bool = False,
+                     cache: Optional[FeatureCache] = None) -> CacheEntry:
+    """Run the frozen part of ``model`` over ``data`` once and cache the activations.
+
+    Parameters
+    ----------
+    model : FineTunableModel
+    data : array, tensor or list
+        What ``model.preprocess`` accepts, indexable by sample (images or texts).
+    labels : array of shape (n,), optional
+        Stored beside the features.
+    cut : "head" or int or str
+        ``"head"``: the head's input (the pooled body output; for ``head_only``). An int ``k`` or a
+        block name: the output of the first ``k`` blocks (for ``freeze_first(k)``), unpooled.
+    dtype : {"float16", "bfloat16", "float32"}
+        Storage type.
+    channels_last, autocast_bf16 : bool
+        Numerics options of the forward pass (part of the key).
+    rebuild : bool
+        Recompute even when a complete entry exists (e.g. after a damaged-entry error).
+
+    Returns
+    -------
+    CacheEntry
+        ``entry.features`` is a read-only memmap; ``entry.reused`` tells whether the backbone ran.
+    """
+    import torch
+
+    from pyft.models import FineTunableModel
+
+    if not isinstance(model, FineTunableModel):
+        raise TypeError(f"model must be a FineTunableModel (pyft.load_model); got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    n = len(data) if not hasattr(data, "shape") else int(data.shape[0])
+    if n == 0:
+        raise ValueError("data must not be empty")
+    lab = None
+    if labels is not None:
+        lab = np.asarray(labels)
+        if lab.ndim != 1 or len(lab) != n:
+            raise ValueError(f"labels must have shape ({n},) to match data; got {lab.shape}")
+    if cut == "head":
+        k = None
+        cut_name = "head"
+    else:
+        k = model.block_index(cut, argument="cut")
+        if k == 0:
+            raise ValueError("cut=0 leaves nothing frozen to cache; use cut >= 1 or 'head'")
+        cut_name = model.blocks[k - 1].name
+    parts = {
+        "spec": model.spec,
+        "weights": _frozen_part_hash(model, k),
+        "cut": cut_name,
+        "preprocessing": model.preprocessing.key(),
+        "channels_last": bool(channels_last),
+        "autocast_bf16": bool(autocast_bf16),
+        "data": data_fingerprint(data),
+    }
+
+    def take(start: int, stop: int) -> Any:
+        if isinstance(data, (list, tuple)):
+            return list(data[start:stop])
+        return data[start:stop]
+
+    was_training = model.training
+
+    def forward(start: int, stop: int) -> np.ndarray:
+        x = model.preprocess(take(start, stop))
+        if channels_last and hasattr(x, "to") and getattr(x, "ndim", 0) == 4:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                    enabled=autocast_bf16):
+            if k is None:
+                out = model.features(x)
+            else:
+                out = model.block_outputs(x, [k - 1], pool=False)[k - 1]
+        return out.float().contiguous().numpy()
+
+    model.eval()
+    try:
+        store = cache or FeatureCache(cache_dir)
+        return store.get_or_compute(parts, n, forward, labels=lab, dtype=dtype,
+                                    batch_size=batch_size, rebuild=rebuild, progress=progress,
+                                    desc=f"{model.spec} -> {cut_name}")
+    finally:
+        model.train(was_training)

