@@ -133,7 +133,10 @@ def _as_nchw_float(images: Any) -> Any:
     if isinstance(images, torch.Tensor):
         x = images.detach()
     elif isinstance(images, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(images))
+        arr = np.ascontiguousarray(images)
+        if not arr.flags.writeable:  # np.asarray(PIL image), read-only memory maps
+            arr = arr.copy()  # torch warns about (and would share) read-only memory
+        x = torch.from_numpy(arr)
     else:
         raise TypeError(
             "images must be a NumPy array, a torch tensor or a list of images; "
