@@ -139,8 +139,11 @@ class FineTunableModel(nn.Module):
                 )
             return int(block)
         if isinstance(block, str):
+            # A block name, or the name of a module or parameter inside a block.
+            real = block in dict(self.net.named_modules()) or block in dict(self.net.named_parameters())
             for i, b in enumerate(self.blocks):
-                if block == b.name or any(block == m or block.startswith(m + ".") for m in b.modules):
+                if block == b.name or (real and any(block == m or block.startswith(m + ".")
+                                                    for m in b.modules)):
                     return i + 1
             close = difflib.get_close_matches(block, self.block_names, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
