@@ -30,14 +30,11 @@ namespace {
 
 std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
-/// A 2-D feature view over any float32/float16/bfloat16/float64 array, any strides, no copy.
-/// bfloat16 arrives either as an ml_dtypes.bfloat16 array or as a 16-bit integer array with
-/// bfloat16=True (the bit pattern, e.g. torch_tensor.view(torch.int16).numpy()).
-Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
-  PYFT_CHECK(a.ndim() == 2, "%s must be a 2-D array (n_samples, n_features); got %d dimension(s)",
-             name, (int)a.ndim());
+/// The element type of a feature array. bfloat16 arrives either as an ml_dtypes.bfloat16 array or
+/// as a 16-bit integer array with bfloat16=True (the bit pattern, e.g.
+/// torch_tensor.view(torch.int16).numpy()).
+DType feature_dtype(const py::array& a, const char* name, bool bfloat16) {
   const std::string dt = dtype_str(a);
-  Matrix m;
   const char kind = a.dtype().kind();
   const auto size = a.itemsize();
   if (bfloat16) {
@@ -45,18 +42,22 @@ Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
                "%s with bfloat16=True must hold 16-bit bfloat16 bit patterns (uint16, int16 or "
                "ml_dtypes.bfloat16); got %s",
                name, dt.c_str());
-    m.dtype = DType::BF16;
-  } else if (dt == "bfloat16") {
-    m.dtype = DType::BF16;
-  } else if (kind == 'f' && size == 4) {
-    m.dtype = DType::F32;
-  } else if (kind == 'f' && size == 2) {
-    m.dtype = DType::F16;
-  } else if (kind == 'f' && size == 8) {
-    m.dtype = DType::F64;
-  } else {
-    PYFT_CHECK(false, "%s must be float32, float16, bfloat16 or float64; got %s", name, dt.c_str());
+    return DType::BF16;
   }
+  if (dt == "bfloat16") return DType::BF16;
+  if (kind == 'f' && size == 4) return DType::F32;
+  if (kind == 'f' && size == 2) return DType::F16;
+  if (kind == 'f' && size == 8) return DType::F64;
+  PYFT_CHECK(false, "%s must be float32, float16, bfloat16 or float64; got %s", name, dt.c_str());
+  return DType::F32;
+}
+
+/// A 2-D feature view over any float32/float16/bfloat16/float64 array, any strides, no copy.
+Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
+  PYFT_CHECK(a.ndim() == 2, "%s must be a 2-D array (n_samples, n_features); got %d dimension(s)",
+             name, (int)a.ndim());
+  Matrix m;
+  m.dtype = feature_dtype(a, name, bfloat16);
   m.data = a.data();
   m.rows = a.shape(0);
   m.cols = a.shape(1);
