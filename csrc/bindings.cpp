@@ -18,6 +18,7 @@
 #include "common/head_math.h"
 #include "common/parallel.h"
 #include "common/rng.h"
+#include "gather/gather.h"
 #include "head_lbfgs/head_lbfgs.h"
 #include "head_predict/head_predict.h"
 #include "head_train/head_train.h"
@@ -393,6 +394,75 @@ py::array predict_py(py::array params, py::array features, const std::string& he
   return out;
 }
 
+std::string shape_str(const std::vector<py::ssize_t>& v) {
+  std::string s = "(";
+  for (size_t d = 0; d < v.size(); ++d) s += (d ? ", " : "") + std::to_string(v[d]);
+  return s + (v.size() == 1 ? ",)" : ")");
+}
+
+/// Row indices as C-contiguous int64: no copy for int64 input, else a copy (indices are small).
+py::array_t<int64_t> to_indices(const py::array& a, int64_t n_rows) {
+  PYFT_CHECK(a.ndim() == 1, "indices must be a 1-D array of row indices; got %d dimension(s)",
+             (int)a.ndim());
+  const char kind = a.dtype().kind();
+  PYFT_CHECK(kind == 'i' || kind == 'u',
+             "indices must be an integer array (int64 or int32) of row indices; got %s",
+             dtype_str(a).c_str());
+  if (kind == 'u' && a.itemsize() == 8) {
+    // uint64 values >= 2**63 would wrap to negative int64: report them as given.
+    auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    const uint64_t* d = u.data();
+    for (int64_t r = 0; r < u.shape(0); ++r)
+      PYFT_CHECK(d[r] < static_cast<uint64_t>(n_rows),
+                 "indices must be in [0, %lld) (rows of src); got %llu at position %lld",
+                 (long long)n_rows, (unsigned long long)d[r], (long long)r);
+  }
+  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+}
+
+py::object gather_rows_py(const py::array& src, const py::array& indices, const py::object& out,
+                          int n_threads, bool bfloat16) {
+  const DType dtype = feature_dtype(src, "src", bfloat16);
+  const int ndim = static_cast<int>(src.ndim());
+  std::vector<int64_t> shape(src.shape(), src.shape() + ndim);
+  std::vector<int64_t> strides(src.strides(), src.strides() + ndim);
+  const Matrix m = gather_source(src.data(), dtype, ndim, shape.data(), strides.data(), "src");
+  const py::array_t<int64_t> idx = to_indices(indices, m.rows);
+  const int64_t count = idx.shape(0);
+
+  std::vector<py::ssize_t> full{count}, flat{count, m.cols};
+  for (int d = 1; d < ndim; ++d) full.push_back(src.shape(d));
+  py::array buf;
+  if (out.is_none()) {
+    buf = py::array_t<float>(full);
+  } else {
+    PYFT_CHECK(py::isinstance<py::array>(out),
+               "out must be a NumPy float32 array or None; got %s",
+               py::str(py::type::of(out).attr("__name__")).cast<std::string>().c_str());
+    buf = py::reinterpret_borrow<py::array>(out);
+    PYFT_CHECK(buf.dtype().kind() == 'f' && buf.itemsize() == 4, "out must be float32; got %s",
+               dtype_str(buf).c_str());
+    const std::vector<py::ssize_t> got(buf.shape(), buf.shape() + buf.ndim());
+    const std::string want = ndim > 2 ? shape_str(full) + " or " + shape_str(flat)
+                                      : shape_str(full);
+    PYFT_CHECK(got == full || got == flat,
+               "out must have shape %s (len(indices), *src.shape[1:]); got %s", want.c_str(),
+               shape_str(got).c_str());
+    PYFT_CHECK(buf.flags() & py::array::c_style,
+               "out must be C-contiguous (it is filled row by row); pass np.empty(%s, "
+               "np.float32)",
+               shape_str(full).c_str());
+    PYFT_CHECK(buf.writeable(), "out must be writeable (it is filled in place); got a read-only "
+               "array");
+  }
+  float* o = static_cast<float*>(buf.mutable_data());
+  {
+    py::gil_scoped_release release;
+    gather(m, idx.data(), count, o, m.cols, n_threads);
+  }
+  return out.is_none() ? py::object(buf) : out;
+}
+
 py::array_t<int64_t> epoch_permutation_py(int64_t n, uint64_t seed, int64_t epoch) {
   PYFT_CHECK(n >= 0, "n must be >= 0; got %lld", (long long)n);
   py::array_t<int64_t> out(n);
@@ -443,6 +513,19 @@ whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch 
         "num_classes"_a, "hidden_size"_a = 0, "activation"_a = "relu", "bfloat16"_a = false,
         "output"_a = "logits", "n_threads"_a = 0,
         "Logits, softmax probabilities or argmax labels for every row of features.");
+
+  m.def("gather_rows", &gather_rows_py, "src"_a, "indices"_a, "out"_a = py::none(),
+        "n_threads"_a = 0, py::kw_only(), "bfloat16"_a = false,
+        R"doc(Gather rows of src by index into float32: out[r] = float32(src[indices[r]]).
+
+src: (n_rows, ...) float32/float16/bfloat16/float64 NumPy array or np.memmap (read-only is
+fine; bfloat16 as ml_dtypes.bfloat16 or as its uint16/int16 bit pattern with bfloat16=True).
+2-D src may have any strides; with more dimensions each src[i] must be C-contiguous and is
+flattened. indices: 1-D integer array, any order, repeats allowed, each in [0, n_rows).
+out: None (a new array is returned) or a writeable C-contiguous float32 array of shape
+(len(indices), *src.shape[1:]) or (len(indices), prod(src.shape[1:])), filled in place and
+returned. Conversion is exact (as ndarray.astype(np.float32)); rows are split over n_threads
+(0: all) with the GIL released.)doc");
 
   m.def("epoch_permutation", &epoch_permutation_py, "n"_a, "seed"_a, "epoch"_a,
         "The sample order train_head uses in a given epoch (for reference implementations).");

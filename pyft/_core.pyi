@@ -94,6 +94,14 @@ def predict(
     output: str = "logits",
     n_threads: int = 0,
 ) -> np.ndarray: ...
+def gather_rows(
+    src: np.ndarray,
+    indices: npt.NDArray[np.integer],
+    out: Optional[npt.NDArray[np.float32]] = None,
+    n_threads: int = 0,
+    *,
+    bfloat16: bool = False,
+) -> npt.NDArray[np.float32]: ...
 def epoch_permutation(n: int, seed: int, epoch: int) -> npt.NDArray[np.int64]: ...
 def lr_factor(
     schedule: str,

@@ -191,7 +191,7 @@ def test_public_api_objects():
 
 NATIVE_FUNCTIONS = [
     "train_head", "train_head_lbfgs", "objective", "predict", "epoch_permutation", "lr_factor",
-    "num_threads", "blas_config", "cuda_version",
+    "num_threads", "blas_config", "cuda_version", "gather_rows",
 ]
 
 
