@@ -57,9 +57,7 @@ def vit():
 @pytest.fixture(scope="module")
 def digits():
     """24 real 8x8 digits (classes 0-4) in [0, 1] and their labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = pytest.importorskip("sklearn.datasets").load_digits()
     idx = np.concatenate([np.flatnonzero(d.target == c)[:5] for c in range(5)])[:24]
     return (d.images[idx] / 16.0).astype(np.float32), torch.as_tensor(d.target[idx])
 

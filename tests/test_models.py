@@ -38,9 +38,7 @@ CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 # helpers
 def _digits(per_class: int = 4, classes: int = 5):
     """Real 8x8 digit images in [0, 1] (n, 8, 8) and their labels, ``per_class`` of each."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = pytest.importorskip("sklearn.datasets").load_digits()
     idx = np.concatenate([np.flatnonzero(d.target == c)[:per_class] for c in range(classes)])
     return (d.images[idx] / 16.0).astype(np.float32), torch.as_tensor(d.target[idx])
 
@@ -386,6 +384,17 @@ def test_preprocess_bad_images(images, error, pattern):
         pre(images)
 
 
+@pytest.mark.cuda
+def test_preprocess_cuda_tensors_stay_on_the_device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pre = ImagePreprocessing((24, 24), IMAGENET_MEAN, IMAGENET_STD, resize=28)
+    x = np.random.default_rng(0).integers(0, 256, size=(3, 40, 30, 3), dtype=np.uint8)
+    out = pre(torch.from_numpy(x).cuda())
+    assert out.device.type == "cuda" and out.shape == (3, 3, 24, 24)
+    torch.testing.assert_close(out.cpu(), pre(x), rtol=0, atol=1e-4)
+
+
 def test_preprocess_size_limits():
     pre = ImagePreprocessing((224, 224), IMAGENET_MEAN, IMAGENET_STD, resize=256)
     with pytest.raises(ValueError, match="at least 8"):
@@ -496,6 +505,7 @@ def test_torchvision_vgg19_loads():
 def test_torchvision_weights_from_cache_or_clear_error(tmp_path, monkeypatch):
     tv = pytest.importorskip("torchvision")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case torch.hub.set_dir was called
     fname = os.path.basename(tv.models.get_model_weights("resnet18").DEFAULT.url)
     with pytest.raises(FileNotFoundError) as e:
         load_model("torchvision:resnet18", 4)
