@@ -126,8 +126,50 @@ class CacheEntry:
     def is_bfloat16(self) -> bool:
         return self.manifest["dtype"] == "bfloat16"
 
+    @property
+    def views(self) -> int:
+        """Augmented views per sample (1 without augmentation)."""
+        return int(self.manifest["parts"].get("augment", {}).get("views", 1))
+
     def __len__(self) -> int:
-        return int(self.features.shape[0])
+        """Number of samples (rows / views)."""
+        return int(self.features.shape[0]) // self.views
+
+    def batches(self, batch_size: int = 256, *, shuffle: bool = True, seed: int = 0,
+                epoch: int = 0, drop_last: bool = False, n_threads: int = 0) -> Iterator[Any]:
+        """Mini-batches of one epoch as ``(features, labels)`` torch tensors (float32, int64).
+
+        Rows are gathered by the native multi-threaded gatherer straight from the memmap into
+        one reused float32 buffer (float16/bfloat16 converted on the way): the tensors of a batch
+        are valid until the next batch is drawn. With augmented views, each sample contributes one
+        randomly drawn view per epoch.
+        """
+        import torch
+
+        from pyft import _core
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        n = len(self)
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        if self.views > 1:
+            order = order + n * rng.integers(0, self.views, size=n)
+        order = order.astype(np.int64)
+        row_shape = self.features.shape[1:]
+        buf = np.empty((min(batch_size, n),) + tuple(row_shape), np.float32)
+        src = self.features
+        labels = None if self.labels is None else torch.from_numpy(np.asarray(self.labels, np.int64))
+        stop = n - (n % batch_size) if drop_last else n
+        for b in range(0, stop, batch_size):
+            idx = order[b:b + batch_size]
+            out = buf[:len(idx)]
+            if self.is_bfloat16:
+                _core.gather_rows(src, idx, out=out, n_threads=n_threads, bfloat16=True)
+            else:
+                _core.gather_rows(src, idx, out=out, n_threads=n_threads)
+            x = torch.from_numpy(out)
+            yield x, (None if labels is None else labels[torch.from_numpy(idx)])
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -412,6 +454,7 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
                      cache_dir: Optional[Union[str, os.PathLike]] = None, dtype: str = "float16",
                      batch_size: int = 64, channels_last: bool = False, autocast_bf16: bool = False,
                      progress: bool = True, rebuild: bool = False,
+                     transform: Any = None, augment_views: Optional[int] = None, seed: int = 0,
                      cache: Optional[FeatureCache] = None) -> CacheEntry:
     """Run the frozen part of ``model`` over ``data`` once and cache the activations.
 
@@ -431,6 +474,17 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         Numerics options of the forward pass (part of the key).
     rebuild : bool
         Recompute even when a complete entry exists (e.g. after a damaged-entry error).
+    transform : callable, optional
+        A random augmentation applied to each preprocessed image tensor (C, H, W), e.g. a
+        torchvision ``transforms.v2`` pipeline. Caching computes an augmented image once and
+        reuses it every epoch, which defeats random augmentation: pass ``augment_views=K`` to
+        cache K augmented views per sample (training then draws one view per sample and epoch),
+        or train end to end. A transform without ``augment_views`` warns.
+    augment_views : int, optional
+        Number of augmented views per sample; rows ``v * n + i`` hold view ``v`` of sample ``i``.
+    seed : int
+        Seeds the augmentation (each batch of each view gets its own seed, so an interrupted
+        extraction resumes bit-identically).
 
     Returns
     -------
@@ -453,6 +507,25 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         lab = np.asarray(labels)
         if lab.ndim != 1 or len(lab) != n:
             raise ValueError(f"labels must have shape ({n},) to match data; got {lab.shape}")
+    views = 1
+    if augment_views is not None:
+        if isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 1:
+            raise ValueError(f"augment_views must be an int >= 1; got {augment_views!r}")
+        if transform is None:
+            raise ValueError("augment_views needs a transform: the random augmentation to cache")
+        views = augment_views
+    elif transform is not None:
+        import warnings
+
+        warnings.warn(
+            "a random transform with the feature cache: each sample is augmented once and the same "
+            "augmented features are reused every epoch, so the augmentation is lost. Pass "
+            "augment_views=K to cache K views per sample, or train end to end without the cache",
+            UserWarning, stacklevel=2)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable; got {type(transform).__name__}")
+    if transform is not None and model.kind != "image":
+        raise ValueError(f"transform applies to image models; {model.spec} is a {model.kind} model")
     if cut == "head":
         k = None
         cut_name = "head"
@@ -470,6 +543,8 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         "autocast_bf16": bool(autocast_bf16),
         "data": data_fingerprint(data),
     }
+    if transform is not None:
+        parts["augment"] = {"transform": repr(transform), "views": views, "seed": int(seed)}
 
     def take(start: int, stop: int) -> Any:
         if isinstance(data, (list, tuple)):
@@ -478,8 +553,23 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
 
     was_training = model.training
 
-    def forward(start: int, stop: int) -> np.ndarray:
+    def forward_views(start: int, stop: int) -> np.ndarray:
+        # Rows of view v are v * n .. v * n + n - 1; a batch may straddle two views.
+        parts_out = []
+        row = start
+        while row < stop:
+            v, i = divmod(row, n)
+            j = min(stop - v * n, n)
+            parts_out.append(forward(i, j, view=v if transform is not None else None))
+            row = v * n + j
+        return parts_out[0] if len(parts_out) == 1 else np.concatenate(parts_out)
+
+    def forward(start: int, stop: int, view: Optional[int] = None) -> np.ndarray:
         x = model.preprocess(take(start, stop))
+        if view is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(f"{int(seed)}/{view}/{start}".encode()))
+                x = torch.stack([transform(xi) for xi in x])
         if channels_last and hasattr(x, "to") and getattr(x, "ndim", 0) == 4:
             x = x.to(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
@@ -493,7 +583,9 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
     model.eval()
     try:
         store = cache or FeatureCache(cache_dir)
-        return store.get_or_compute(parts, n, forward, labels=lab, dtype=dtype,
+        if views > 1 and lab is not None:
+            lab = np.tile(lab, views)
+        return store.get_or_compute(parts, n * views, forward_views, labels=lab, dtype=dtype,
                                     batch_size=batch_size, rebuild=rebuild, progress=progress,
                                     desc=f"{model.spec} -> {cut_name}")
     finally:

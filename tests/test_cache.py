@@ -247,3 +247,29 @@ def test_two_processes_one_computes_the_other_reuses(tmp_path):
     assert p1.returncode == 0 and p2.returncode == 0, (e1, e2)
     assert sorted([o1.strip(), o2.strip()]) == ["computed", "reused"]
     assert len(marker.read_text().split()) == 12  # every batch computed exactly once
+
+
+def test_batches_gather_shuffled_rows_exactly(tmp_path):
+    torch = pytest.importorskip("torch")
+    src = _source(300, 12).reshape(300, 3, 4)
+    e = FeatureCache(tmp_path).get_or_compute({}, 300, _compute_from(src),
+                                              labels=np.arange(300) % 7, progress=False)
+    stored = np.asarray(e.features, np.float32)
+    rows, labels = [], []
+    for x, y in e.batches(64, seed=3, epoch=1):
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 4)
+        rows.append(x.clone().numpy())
+        labels.append(y.numpy())
+    rows, labels = np.concatenate(rows), np.concatenate(labels)
+    order = np.random.default_rng([3, 1]).permutation(300)
+    np.testing.assert_array_equal(rows, stored[order])
+    np.testing.assert_array_equal(labels, order % 7)
+    # another epoch, another order; same epoch, same order
+    a = np.concatenate([x.clone().numpy() for x, _ in e.batches(64, seed=3, epoch=2)])
+    b = np.concatenate([x.clone().numpy() for x, _ in e.batches(64, seed=3, epoch=2)])
+    assert not np.array_equal(a, rows) and np.array_equal(a, b)
+    assert sum(len(x) for x, _ in e.batches(64, drop_last=True)) == 256
+    plain = np.concatenate([x.clone().numpy() for x, _ in e.batches(100, shuffle=False)])
+    np.testing.assert_array_equal(plain, stored)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(e.batches(0))

@@ -133,3 +133,73 @@ def test_text_model_cache(tmp_path):
     with torch.inference_mode():
         ref = torch.cat([m.features(m.preprocess(texts[i:i + 2])) for i in (0, 2)])
     np.testing.assert_array_equal(e.features, ref.numpy().astype(np.float16))
+
+
+def test_augmented_views(tmp_path, digits, model):
+    imgs, y = digits
+    imgs, y = imgs[:20], y[:20]
+
+    def flip_noise(x):  # a random augmentation on one preprocessed image (C, H, W)
+        x = torch.flip(x, dims=[2]) if torch.rand(()) < 0.5 else x
+        return x + 0.05 * torch.randn_like(x)
+
+    with pytest.warns(UserWarning, match="augment_views"):
+        extract_features(model, imgs, y, transform=flip_noise, cache_dir=tmp_path / "w",
+                         progress=False)
+    e = extract_features(model, imgs, y, transform=flip_noise, augment_views=3, batch_size=8,
+                         cache_dir=tmp_path, progress=False)
+    assert e.views == 3 and len(e) == 20 and e.features.shape == (60, 1280)
+    np.testing.assert_array_equal(e.labels, np.tile(y, 3))
+    f = np.asarray(e.features, np.float32)
+    assert not np.array_equal(f[:20], f[20:40])  # the views differ
+    # Deterministic: a rebuild gives the same bytes.
+    again = extract_features(model, imgs, y, transform=flip_noise, augment_views=3, batch_size=8,
+                             cache_dir=tmp_path / "again", progress=False)
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(e.features))
+    # Each epoch draws one view per sample.
+    xs = [x.clone().numpy() for x, _ in e.batches(20, shuffle=False, epoch=0)][0]
+    for i in range(20):
+        assert any(np.array_equal(xs[i], f[v * 20 + i]) for v in range(3))
+    with pytest.raises(ValueError, match="transform"):
+        extract_features(model, imgs, y, augment_views=2, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="augment_views"):
+        extract_features(model, imgs, y, transform=flip_noise, augment_views=0,
+                         cache_dir=tmp_path, progress=False)
+
+
+def test_freeze_first_on_cached_prefix_matches_recomputed_prefix(tmp_path, digits, model):
+    from pyft.split import split_model
+
+    imgs, y = digits
+    imgs, y = imgs[:64], y[:64]
+    k = model.block_index("blocks.12")
+
+    def train(use_cache):
+        torch.manual_seed(0)
+        m = pyft.load_model("efficientnet_lite0", 10, image_size=32)
+        groups = m.freeze("freeze_first", k=k)
+        prefix, suffix = split_model(m, k)
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        ent = extract_features(m, imgs, y, cut=k, cache_dir=tmp_path, batch_size=16,
+                               dtype="float32", progress=False)
+        m.train()
+        for epoch in range(2):
+            for x, yb in ent.batches(16, seed=0, epoch=epoch):
+                if not use_cache:  # recompute the frozen prefix for the same samples
+                    order = np.random.default_rng([0, epoch]).permutation(64)
+                    idx = order[len(losses) % 4 * 16:][:16]
+                    with torch.no_grad():
+                        x = prefix(m.preprocess(imgs[idx]))
+                loss = torch.nn.functional.cross_entropy(suffix(x), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return [p.detach().clone() for p in suffix.parameters()]
+
+    losses = []
+    a = train(True)
+    losses = []
+    b = train(False)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
