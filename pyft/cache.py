@@ -127,6 +127,12 @@ class CacheEntry:
         return self.manifest["dtype"] == "bfloat16"
 
     @property
+    def columns(self) -> Dict[str, slice]:
+        """For pooled multi-depth entries: the column slice of each block."""
+        cols = self.manifest.get("meta", {}).get("columns", {})
+        return {name: slice(a, b) for name, (a, b) in cols.items()}
+
+    @property
     def views(self) -> int:
         """Augmented views per sample (1 without augmentation)."""
         return int(self.manifest["parts"].get("augment", {}).get("views", 1))
@@ -281,12 +287,14 @@ class FeatureCache:
     # ------------------------------------------------------------------ writing
     def get_or_compute(self, key_parts: Dict[str, Any], n: int, compute: Any, *, labels: Optional[np.ndarray] = None,
                        dtype: str = "float16", batch_size: int = 64, rebuild: bool = False,
-                       progress: bool = True, desc: str = "extracting") -> CacheEntry:
+                       progress: bool = True, desc: str = "extracting",
+                       meta: Optional[Dict[str, Any]] = None) -> CacheEntry:
         """Return the entry for ``key_parts``, computing it with ``compute(start, stop)`` if needed.
 
         ``compute(start, stop)`` returns the float32 activations of samples ``start:stop`` as an
         array of shape ``(stop - start, *row_shape)``; it is called batch by batch, and not at all
-        when a complete entry exists.
+        when a complete entry exists. ``meta`` (a dict the computation may fill) is stored in the
+        manifest when the entry is written.
         """
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
@@ -315,10 +323,11 @@ class FeatureCache:
             if entry is not None:
                 return entry
             return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
-                                 progress, desc)
+                                 progress, desc, meta)
 
-    def _extract(self, d: str, key: str, parts: Dict[str, Any], n: int, compute: Any, labels: Optional[np.ndarray], dtype: str, batch_size: int,
-                 progress: bool, desc: str) -> CacheEntry:
+    def _extract(self, d: str, key: str, parts: Dict[str, Any], n: int, compute: Any,
+                 labels: Optional[np.ndarray], dtype: str, batch_size: int, progress: bool,
+                 desc: str, meta: Optional[Dict[str, Any]] = None) -> CacheEntry:
         from tqdm.auto import tqdm
 
         np_dtype = np.dtype(_DTYPES[dtype])
@@ -413,7 +422,7 @@ class FeatureCache:
             "key": key, "format": FORMAT_VERSION, "shape": list(shape), "dtype": dtype,
             "chunk_rows": rows, "chunk_crc32": [crcs[str(i)] for i in range(n_chunks)],
             "parts": parts, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "extract_seconds": seconds,
+            "extract_seconds": seconds, "meta": dict(meta or {}),
         }
         os.replace(fpath, os.path.join(d, "features.bin"))
         _atomic_write_json(os.path.join(d, "manifest.json"), man)
@@ -465,9 +474,11 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         What ``model.preprocess`` accepts, indexable by sample (images or texts).
     labels : array of shape (n,), optional
         Stored beside the features.
-    cut : "head" or int or str
+    cut : "head", int, str or list
         ``"head"``: the head's input (the pooled body output; for ``head_only``). An int ``k`` or a
-        block name: the output of the first ``k`` blocks (for ``freeze_first(k)``), unpooled.
+        block name: the output of the first ``k`` blocks (for ``freeze_first(k)``), unpooled. A
+        list of them: the pooled outputs of those depths, side by side in one row, from one pass
+        (for probing; ``entry.columns`` says which columns hold which block).
     dtype : {"float16", "bfloat16", "float32"}
         Storage type.
     channels_last, autocast_bf16 : bool
@@ -526,7 +537,16 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         raise TypeError(f"transform must be callable; got {type(transform).__name__}")
     if transform is not None and model.kind != "image":
         raise ValueError(f"transform applies to image models; {model.spec} is a {model.kind} model")
-    if cut == "head":
+    probe_blocks: Optional[List[int]] = None
+    if isinstance(cut, (list, tuple)):
+        if not cut:
+            raise ValueError("cut must name at least one block")
+        probe_blocks = sorted({model.block_index(c, argument="cut") for c in cut})
+        if probe_blocks[0] == 0:
+            raise ValueError("cut=0 names no block; blocks count from 1")
+        k = probe_blocks[-1]
+        cut_name = "pooled:" + ",".join(model.blocks[i - 1].name for i in probe_blocks)
+    elif cut == "head":
         k = None
         cut_name = "head"
     else:
@@ -574,11 +594,23 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
             x = x.to(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                     enabled=autocast_bf16):
-            if k is None:
+            if probe_blocks is not None:
+                outs = model.block_outputs(x, [i - 1 for i in probe_blocks], pool=True)
+                if "columns" not in meta:
+                    cols, start = {}, 0
+                    for i in probe_blocks:
+                        w = int(outs[i - 1].shape[1])
+                        cols[model.blocks[i - 1].name] = [start, start + w]
+                        start += w
+                    meta["columns"] = cols
+                out = torch.cat([outs[i - 1].float() for i in probe_blocks], dim=1)
+            elif k is None:
                 out = model.features(x)
             else:
                 out = model.block_outputs(x, [k - 1], pool=False)[k - 1]
         return out.float().contiguous().numpy()
+
+    meta: Dict[str, Any] = {}
 
     model.eval()
     try:
@@ -587,6 +619,6 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
             lab = np.tile(lab, views)
         return store.get_or_compute(parts, n * views, forward_views, labels=lab, dtype=dtype,
                                     batch_size=batch_size, rebuild=rebuild, progress=progress,
-                                    desc=f"{model.spec} -> {cut_name}")
+                                    desc=f"{model.spec} -> {cut_name}", meta=meta)
     finally:
         model.train(was_training)

@@ -203,3 +203,36 @@ def test_freeze_first_on_cached_prefix_matches_recomputed_prefix(tmp_path, digit
     b = train(False)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_outputs_of_several_depths_in_one_pass(tmp_path, digits, model):
+    imgs = digits[0][:24]
+    e = extract_features(model, imgs, cut=["blocks.3", 9, "head_conv"], cache_dir=tmp_path,
+                         batch_size=8, dtype="float32", progress=False)
+    cols = e.columns
+    assert list(cols) == ["blocks.3", "blocks.7", "head_conv"]
+    model.eval()
+    with torch.inference_mode():
+        ref = model.block_outputs(model.preprocess(imgs[:8]), [4, 8, 17])
+    f = np.asarray(e.features)
+    for name, i in (("blocks.3", 4), ("blocks.7", 8), ("head_conv", 17)):
+        np.testing.assert_allclose(f[:8, cols[name]], ref[i].numpy(), rtol=1e-5, atol=1e-6)
+    again = extract_features(model, imgs, cut=["blocks.3", 9, "head_conv"], cache_dir=tmp_path,
+                             batch_size=8, dtype="float32", progress=False)
+    assert again.reused and again.columns == cols
+
+
+def test_disk_full_leaves_no_entry(tmp_path, digits, model, monkeypatch):
+    import errno
+    import os
+
+    from pyft.cache import CacheError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(CacheError, match="not enough disk space"):
+        extract_features(model, digits[0][:8], cache_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*/manifest.json"))
+    assert not list(tmp_path.glob("*/features.*"))
