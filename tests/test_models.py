@@ -995,11 +995,11 @@ def test_num_classes_accepts_numpy_ints():
 
 
 def test_loaded_models_start_in_eval_mode_consistently():
-    torch_ = pytest.importorskip("torch")
-    m = pyft.load_model("efficientnet_lite0", 3, image_size=32)
+    torch_ = torch
+    m = load_model("efficientnet_lite0", 3, image_size=32)
     assert not m.training and not any(x.training for x in m.modules())
     m.train()
     assert all(x.training for x in m.net.modules())
     with pytest.raises(ValueError, match="scratch"):
-        pyft.wrap_model(torch_.nn.Sequential(torch_.nn.Linear(3, 4), torch_.nn.Linear(4, 2)), 2,
+        wrap_model(torch_.nn.Sequential(torch_.nn.Linear(3, 4), torch_.nn.Linear(4, 2)), 2,
                         weights="random")
