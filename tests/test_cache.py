@@ -273,3 +273,66 @@ def test_batches_gather_shuffled_rows_exactly(tmp_path):
     np.testing.assert_array_equal(plain, stored)
     with pytest.raises(ValueError, match="batch_size"):
         next(e.batches(0))
+
+
+_CHILD_TRAIN_ON_CACHE = textwrap.dedent("""
+    import sys, threading, time
+    import numpy as np
+    import torch  # imported before the baseline: torch itself takes ~100 MB
+    import pyft
+    from pyft.cache import FeatureCache
+
+    def anon_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+        return 0
+
+    root, key = sys.argv[1], sys.argv[2]
+    entry = FeatureCache(root, verify="size").load(key)
+    base = anon_kb()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], anon_kb())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    clf = pyft.HeadClassifier(solver="sgd", lr=0.01, epochs=2, batch_size=256, random_state=0)
+    clf.fit(entry.features, entry.labels)
+    n = 0
+    for x, y in entry.batches(512, seed=0):
+        n += len(x)
+    stop.set()
+    t.join()
+    print((peak[0] - base) * 1024, n)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_training_on_a_cache_holds_no_copy_of_it(tmp_path):
+    # A 24000 x 4096 float16 entry: 196 MB on disk. Training reads it through the memmap; the
+    # process's own (anonymous) memory grows by far less than the entry's size. File pages the
+    # reads bring in belong to the OS page cache and can be evicted.
+    n, d = 24000, 4096
+    rng = np.random.default_rng(0)
+
+    def compute(b, e):
+        return rng.standard_normal((e - b, d), dtype=np.float32)
+
+    e = FeatureCache(tmp_path, chunk_size=4000).get_or_compute(
+        {"big": 1}, n, compute, labels=np.arange(n) % 7, batch_size=1000, progress=False)
+    size = e.features.nbytes
+    key = e.key
+    del e
+    out = subprocess.run([sys.executable, "-c", _CHILD_TRAIN_ON_CACHE, str(tmp_path), key],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    growth, rows = map(int, out.stdout.split())
+    assert rows == n
+    assert growth < 0.2 * size, (growth, size)
