@@ -19,6 +19,7 @@
 #include "common/parallel.h"
 #include "common/rng.h"
 #include "gather/gather.h"
+#include "head_grid/head_grid.h"
 #include "head_lbfgs/head_lbfgs.h"
 #include "head_predict/head_predict.h"
 #include "head_train/head_train.h"
@@ -188,6 +189,34 @@ py::dict epoch_dict(const EpochStats& st) {
   return d;
 }
 
+/// Row indices (train_rows, val_rows) as a contiguous int64 vector; the range is checked in csrc.
+py::array_t<int64_t> to_rows(const py::array& a, const char* name) {
+  PYFT_CHECK(a.ndim() == 1 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u'),
+             "%s must be a 1-D integer array of row indices; got %d-D %s", name, (int)a.ndim(),
+             dtype_str(a).c_str());
+  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+}
+
+void set_optimizer_and_schedule(TrainOptions& opt, const std::string& optimizer,
+                                const std::string& schedule) {
+  if (optimizer == "sgd") {
+    opt.optimizer = OptimizerKind::SGD;
+  } else if (optimizer == "adamw") {
+    opt.optimizer = OptimizerKind::AdamW;
+  } else {
+    PYFT_CHECK(false, "optimizer must be 'sgd' or 'adamw'; got '%s'", optimizer.c_str());
+  }
+  if (schedule == "constant") {
+    opt.schedule = ScheduleKind::Constant;
+  } else if (schedule == "cosine") {
+    opt.schedule = ScheduleKind::Cosine;
+  } else if (schedule == "step") {
+    opt.schedule = ScheduleKind::Step;
+  } else {
+    PYFT_CHECK(false, "schedule must be 'constant', 'cosine' or 'step'; got '%s'", schedule.c_str());
+  }
+}
+
 py::dict train_head_py(py::array params, py::array features, py::array labels,
                        const std::string& head, int64_t num_classes, int64_t hidden_size,
                        const std::string& activation, std::optional<py::array> train_rows,
@@ -208,10 +237,7 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
   RowSubset subset;
   py::array_t<int64_t> rows_arr;
   if (train_rows) {
-    PYFT_CHECK(train_rows->ndim() == 1 && (train_rows->dtype().kind() == 'i' || train_rows->dtype().kind() == 'u'),
-               "train_rows must be a 1-D integer array of row indices; got %d-D %s",
-               (int)train_rows->ndim(), dtype_str(*train_rows).c_str());
-    rows_arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(*train_rows);
+    rows_arr = to_rows(*train_rows, "train_rows");
     subset.rows = rows_arr.data();
     subset.count = rows_arr.shape(0);
   }
@@ -226,22 +252,7 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
   WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
 
   TrainOptions opt;
-  if (optimizer == "sgd") {
-    opt.optimizer = OptimizerKind::SGD;
-  } else if (optimizer == "adamw") {
-    opt.optimizer = OptimizerKind::AdamW;
-  } else {
-    PYFT_CHECK(false, "optimizer must be 'sgd' or 'adamw'; got '%s'", optimizer.c_str());
-  }
-  if (schedule == "constant") {
-    opt.schedule = ScheduleKind::Constant;
-  } else if (schedule == "cosine") {
-    opt.schedule = ScheduleKind::Cosine;
-  } else if (schedule == "step") {
-    opt.schedule = ScheduleKind::Step;
-  } else {
-    PYFT_CHECK(false, "schedule must be 'constant', 'cosine' or 'step'; got '%s'", schedule.c_str());
-  }
+  set_optimizer_and_schedule(opt, optimizer, schedule);
   opt.lr = lr;
   opt.weight_decay = weight_decay;
   opt.momentum = momentum;
@@ -294,6 +305,139 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
                   "stopped_by_callback"_a = res.stopped_by_callback, "history"_a = hist,
                   "threads"_a = resolve_threads(n_threads),
                   "kernel"_a = use_fused_kernel(spec, opt.kernel) ? "fused" : "blas");
+}
+
+/// A 1-D float64 vector of one value per head (lrs, weight_decays; lists are converted).
+py::array_t<double> to_per_head(const py::array_t<double>& a, const char* name, int64_t heads) {
+  PYFT_CHECK(a.ndim() == 1, "%s must be a 1-D array with one value per head; got %d dimension(s)",
+             name, (int)a.ndim());
+  PYFT_CHECK(a.shape(0) == heads, "%s must have one value per head (params has %lld rows); got %lld",
+             name, (long long)heads, (long long)a.shape(0));
+  return a;
+}
+
+py::dict grid_epoch_dict(const GridEpochStats& st, const py::array_t<double>& lrs) {
+  auto vec = [](const std::vector<double>& v) {
+    py::array_t<double> a(static_cast<py::ssize_t>(v.size()));
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+  };
+  std::vector<double> lr(lrs.shape(0));
+  for (size_t h = 0; h < lr.size(); ++h) lr[h] = lrs.data()[h] * st.lr_factor;
+  py::dict d("epoch"_a = st.epoch, "train_loss"_a = vec(st.train_loss),
+             "train_accuracy"_a = vec(st.train_accuracy), "lr"_a = vec(lr), "steps"_a = st.steps,
+             "seconds"_a = st.seconds);
+  if (st.has_val) {
+    d["val_loss"] = vec(st.val_loss);
+    d["val_accuracy"] = vec(st.val_accuracy);
+  }
+  return d;
+}
+
+py::dict train_heads_py(py::array params, py::array features, py::array labels,
+                        int64_t num_classes, py::array_t<double, py::array::c_style | py::array::forcecast> lrs,
+                        py::array_t<double, py::array::c_style | py::array::forcecast> weight_decays,
+                        std::optional<py::array> train_rows, std::optional<py::array> val_features,
+                        std::optional<py::array> val_labels, std::optional<py::array> val_rows,
+                        bool bfloat16, std::optional<py::array> class_weights,
+                        double label_smoothing, const std::string& optimizer, double momentum,
+                        double dampening, bool nesterov, double beta1, double beta2, double eps,
+                        const std::string& schedule, int64_t warmup_steps, double min_lr_ratio,
+                        int64_t step_size, double gamma, int64_t epochs, int64_t batch_size,
+                        bool shuffle, bool drop_last, uint64_t seed, int n_threads,
+                        std::optional<py::function> callback) {
+  Matrix X = to_matrix(features, "features", bfloat16);
+  HeadSpec spec = make_spec("linear", X.cols, 0, num_classes, "relu");
+  const int64_t P = spec.num_params();
+  PYFT_CHECK(params.ndim() == 2 && params.dtype().kind() == 'f' && params.itemsize() == 4,
+             "params must be a 2-D float32 array (heads, num_classes * n_features + num_classes); "
+             "got %d-D %s", (int)params.ndim(), dtype_str(params).c_str());
+  PYFT_CHECK(params.shape(1) == P,
+             "params must have %lld columns (num_classes * n_features + num_classes); got %lld",
+             (long long)P, (long long)params.shape(1));
+  PYFT_CHECK(params.flags() & py::array::c_style, "params must be C-contiguous");
+  PYFT_CHECK(params.writeable(),
+             "params must be writeable (they are updated in place); got a read-only array");
+  const int64_t heads = params.shape(0);
+  PYFT_CHECK(heads >= 1, "params must hold at least 1 head (one row per head); got 0 rows");
+  float* p = static_cast<float*>(params.mutable_data());
+  auto lr_arr = to_per_head(lrs, "lrs", heads);
+  auto wd_arr = to_per_head(weight_decays, "weight_decays", heads);
+  auto y = to_labels(labels, "labels", X.rows, num_classes);
+  RowSubset subset;
+  py::array_t<int64_t> rows_arr, vrows_arr;
+  if (train_rows) {
+    rows_arr = to_rows(*train_rows, "train_rows");
+    subset.rows = rows_arr.data();
+    subset.count = rows_arr.shape(0);
+  }
+  PYFT_CHECK(val_features.has_value() == val_labels.has_value(),
+             "val_features and val_labels must be given together");
+  PYFT_CHECK(!(val_features && val_rows),
+             "give either val_features/val_labels or val_rows (rows of features), not both");
+  std::optional<Matrix> Xv;
+  py::array_t<int64_t> yv;
+  ValidationSet val;
+  if (val_features) {
+    Xv = to_matrix(*val_features, "val_features", bfloat16);
+    yv = to_labels(*val_labels, "val_labels", Xv->rows, num_classes);
+    val.X = &*Xv;
+    val.labels = yv.data();
+    val.count = Xv->rows;
+  } else if (val_rows) {
+    vrows_arr = to_rows(*val_rows, "val_rows");
+    val.rows = vrows_arr.data();
+    val.count = vrows_arr.shape(0);
+    PYFT_CHECK(val.count >= 1, "val_rows must select at least 1 row; got 0");
+  }
+  WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
+
+  TrainOptions opt;
+  set_optimizer_and_schedule(opt, optimizer, schedule);
+  opt.momentum = momentum;
+  opt.dampening = dampening;
+  opt.nesterov = nesterov;
+  opt.beta1 = beta1;
+  opt.beta2 = beta2;
+  opt.eps = eps;
+  opt.warmup_steps = warmup_steps;
+  opt.min_lr_ratio = min_lr_ratio;
+  opt.step_size = step_size;
+  opt.gamma = gamma;
+  opt.epochs = epochs;
+  opt.batch_size = batch_size;
+  opt.shuffle = shuffle;
+  opt.drop_last = drop_last;
+  opt.seed = seed;
+  opt.n_threads = n_threads;
+
+  PyErrorSlot slot;
+  std::vector<GridEpochStats> history;
+  GridEpochCallback on_epoch = [&](const GridEpochStats& st) -> bool {
+    history.push_back(st);
+    if (!callback) return true;
+    py::gil_scoped_acquire gil;
+    try {
+      py::object r = (*callback)(grid_epoch_dict(st, lr_arr));
+      return r.is_none() || py::bool_(r);
+    } catch (py::error_already_set& e) {
+      slot.error = std::make_unique<py::error_already_set>(std::move(e));
+      return false;
+    }
+  };
+  InterruptCheck interrupted = make_interrupt_check(slot);
+  GridResult res;
+  {
+    py::gil_scoped_release release;
+    res = train_heads(spec, heads, p, lr_arr.data(), wd_arr.data(), X, y.data(), subset, val,
+                      loss.spec, opt, on_epoch, interrupted);
+  }
+  slot.rethrow();
+  py::list hist;
+  for (auto& st : history) hist.append(grid_epoch_dict(st, lr_arr));
+  return py::dict("epochs_run"_a = res.epochs_run, "steps"_a = res.steps,
+                  "stopped_by_callback"_a = res.stopped_by_callback, "history"_a = hist,
+                  "threads"_a = resolve_threads(n_threads));
 }
 
 py::dict train_head_lbfgs_py(py::array params, py::array features, py::array labels,
@@ -495,6 +639,23 @@ PYBIND11_MODULE(_core, m) {
 params: 1-D float32 (linear: W (C*D) | b (C); mlp: W1 (H*D) | b1 (H) | W2 (C*H) | b2 (C)),
 updated in place. features: 2-D float32/float16/bfloat16/float64, any strides (never copied
 whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch history.)doc");
+
+  m.def("train_heads", &train_heads_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
+        "num_classes"_a, "lrs"_a, "weight_decays"_a, "train_rows"_a = py::none(),
+        "val_features"_a = py::none(), "val_labels"_a = py::none(), "val_rows"_a = py::none(),
+        "bfloat16"_a = false, "class_weights"_a = py::none(), "label_smoothing"_a = 0.0,
+        "optimizer"_a = "sgd", "momentum"_a = 0.0, "dampening"_a = 0.0, "nesterov"_a = false,
+        "beta1"_a = 0.9, "beta2"_a = 0.999, "eps"_a = 1e-8, "schedule"_a = "constant",
+        "warmup_steps"_a = 0, "min_lr_ratio"_a = 0.0, "step_size"_a = 1, "gamma"_a = 0.1,
+        "epochs"_a = 10, "batch_size"_a = 256, "shuffle"_a = true, "drop_last"_a = false,
+        "seed"_a = 0, "n_threads"_a = 0, "callback"_a = py::none(),
+        R"doc(Train H linear heads together in place, each with its own lr and weight decay.
+
+params: 2-D float32 (H, C*D + C), row h = head h's flat layout W (C*D) | b (C), updated in place.
+lrs, weight_decays: H values each. Every head sees the same batches (seed), so each batch is
+gathered once and multiplied against all heads' weights in one GEMM; head h follows train_head
+with lr=lrs[h], weight_decay=weight_decays[h]. Validation on val_features/val_labels or on rows
+val_rows of features (no copy). Returns a dict whose history holds per-head arrays per epoch.)doc");
 
   m.def("train_head_lbfgs", &train_head_lbfgs_py, "params"_a, "features"_a, "labels"_a,
         py::kw_only(), "num_classes"_a, "bfloat16"_a = false, "class_weights"_a = py::none(),

@@ -190,7 +190,7 @@ def test_public_api_objects():
 
 
 NATIVE_FUNCTIONS = [
-    "train_head", "train_head_lbfgs", "objective", "predict", "epoch_permutation", "lr_factor",
+    "train_head", "train_heads", "train_head_lbfgs", "objective", "predict", "epoch_permutation", "lr_factor",
     "num_threads", "blas_config", "cuda_version", "gather_rows",
 ]
 

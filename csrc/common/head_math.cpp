@@ -224,8 +224,6 @@ double ce_row_loss(const float* z, int64_t C, int64_t y, const LossSpec& loss, b
   return l;
 }
 
-namespace {
-
 /// Softmax cross-entropy for rows [0, rows) of a logits block (bias already added): z is replaced
 /// by dL/dz * inv_denom, e (rows*C) is scratch, per-row losses/correctness go to rowloss/rowok.
 void ce_block_grad(float* __restrict z, float* __restrict e, int64_t rows, int64_t C,
@@ -277,7 +275,6 @@ void ce_block_grad(float* __restrict z, float* __restrict e, int64_t rows, int64
   }
 }
 
-}  // namespace
 
 namespace {
 

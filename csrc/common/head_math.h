@@ -105,6 +105,13 @@ BatchResult loss_grad(const HeadSpec& spec, const float* params, const Matrix& X
 bool forward_logits(const HeadSpec& spec, const float* params, const Matrix& X, int64_t start,
                     int64_t count, float* out, Workspace& ws, int n_threads);
 
+/// Softmax cross-entropy of rows [0, rows) of a contiguous logits block z (rows x C, bias already
+/// added): z is replaced by dL/dz * inv_denom, e (rows x C) is scratch, per-row weighted losses and
+/// correctness go to rowloss / rowok. Row r's label is labels[idx[r]] (or labels[start + r]).
+void ce_block_grad(float* __restrict z, float* __restrict e, int64_t rows, int64_t C,
+                   const int64_t* labels, const int64_t* idx, int64_t start, const LossSpec& loss,
+                   float inv_denom, double* rowloss, uint8_t* rowok);
+
 /// Weighted loss of one row without the gradient (for evaluation).
 double ce_row_loss(const float* z, int64_t C, int64_t y, const LossSpec& loss, bool* correct);
 

@@ -57,7 +57,13 @@ void check_loss(const LossSpec& loss, int64_t classes) {
   }
 }
 
-namespace {
+void check_rows(const int64_t* rows, int64_t count, int64_t n, const char* name) {
+  PYFT_CHECK(count >= 1, "%s must select at least 1 row; got %lld", name, (long long)count);
+  for (int64_t i = 0; i < count; ++i)
+    PYFT_CHECK(rows[i] >= 0 && rows[i] < n, "%s must be in [0, %lld); got %lld at index %lld",
+               name, (long long)n, (long long)rows[i], (long long)i);
+}
+
 void check_options(const TrainOptions& opt) {
   PYFT_CHECK(std::isfinite(opt.lr) && opt.lr > 0.0, "lr must be a positive number; got %g", opt.lr);
   PYFT_CHECK(opt.epochs >= 1, "epochs must be >= 1; got %lld", (long long)opt.epochs);
@@ -85,7 +91,6 @@ void check_options(const TrainOptions& opt) {
   PYFT_CHECK(opt.patience >= 0, "patience must be >= 0; got %lld", (long long)opt.patience);
   PYFT_CHECK(opt.min_delta >= 0.0, "min_delta must be >= 0; got %g", opt.min_delta);
 }
-}  // namespace
 
 double lr_factor(const TrainOptions& opt, int64_t step, int64_t total, int64_t steps_per_epoch) {
   double f = 1.0;
@@ -120,14 +125,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
   PYFT_CHECK(params != nullptr, "params is missing");
   check_features(X, spec, "features", opt.n_threads);
   check_labels(labels, X.rows, spec.classes, "labels");
-  if (subset.rows) {
-    PYFT_CHECK(subset.count >= 1, "train_rows must select at least 1 row; got %lld",
-               (long long)subset.count);
-    for (int64_t i = 0; i < subset.count; ++i)
-      PYFT_CHECK(subset.rows[i] >= 0 && subset.rows[i] < X.rows,
-                 "train_rows must be in [0, %lld); got %lld at index %lld", (long long)X.rows,
-                 (long long)subset.rows[i], (long long)i);
-  }
+  if (subset.rows) check_rows(subset.rows, subset.count, X.rows, "train_rows");
   if (val_X) {
     check_features(*val_X, spec, "val_features", opt.n_threads);
     check_labels(val_labels, val_X->rows, spec.classes, "val_labels");

@@ -93,6 +93,10 @@ void check_features(const Matrix& X, const HeadSpec& spec, const char* name, int
 void verify_finite(const Matrix& X, const char* name, int n_threads);
 void check_labels(const int64_t* labels, int64_t n, int64_t classes, const char* name);
 void check_loss(const LossSpec& loss, int64_t classes);
+/// Optimizer, schedule and loop options (lr and weight_decay included).
+void check_options(const TrainOptions& opt);
+/// rows[0..count) must be a non-empty list of indices into n rows.
+void check_rows(const int64_t* rows, int64_t count, int64_t n, const char* name);
 
 namespace cpu {
 TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,

@@ -1,0 +1,299 @@
+"""Grid training of many heads in one call (``_core.train_heads``) and ``pyft.grid.fit_grid``.
+
+Every head of a grid run must follow the trajectory of a separate ``_core.train_head`` run with
+that head's lr / weight decay (same seed, same batches). The grid multiplies each batch against
+all heads in one GEMM while train_head uses its fused row kernel for C <= 12, so the summation
+order differs and the match is to float32 tolerance, not bitwise: ``rtol=1e-5`` plus an absolute
+``1e-6`` for entries near zero (as in test_trainer_reference.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import pyft
+from pyft import _core
+
+_spec = importlib.util.spec_from_file_location(
+    "pyft_tests_reference", pathlib.Path(__file__).with_name("reference.py")
+)
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def make_data(n, d, c, seed=0, sep=0.8, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    centers = rng.normal(size=(c, d))
+    X = sep * centers[y] + rng.normal(size=(n, d))
+    return X.astype(dtype), y.astype(np.int64)
+
+
+def init_grid(H, D, C, seed=0):
+    return np.stack([pyft.init_head_params("linear", D, C, seed=seed + h) for h in range(H)])
+
+
+OPTIMIZERS = {
+    "sgd-momentum": (dict(optimizer="sgd", momentum=0.9), (0.003, 0.1), (0.0, 1e-3)),
+    "sgd-nesterov-wd": (dict(optimizer="sgd", momentum=0.9, nesterov=True), (0.003, 0.1),
+                        (1e-4, 1e-2)),
+    "adamw-wd": (dict(optimizer="adamw"), (3e-4, 1e-2), (0.0, 0.1)),
+}
+
+
+def grid_values(H, lr_range, wd_range):
+    lrs = np.geomspace(*lr_range, H)
+    wds = np.linspace(*wd_range, H)[::-1].copy()  # vary both, in different directions
+    return lrs, wds
+
+
+def run_both(X, y, C, H, opt_kw, lr_range, wd_range, *, val=None, **kw):
+    """Grid run vs H separate train_head runs; returns (grid result, grid params, [(params, res)])."""
+    D = X.shape[1]
+    lrs, wds = grid_values(H, lr_range, wd_range)
+    P0 = init_grid(H, D, C)
+    P = P0.copy()
+    gval = {} if val is None else val[0]
+    res = _core.train_heads(P, X, y, num_classes=C, lrs=lrs, weight_decays=wds, **gval, **opt_kw,
+                            **kw)
+    singles = []
+    for h in range(H):
+        p = P0[h].copy()
+        sval = {} if val is None else val[1]
+        r = _core.train_head(p, X, y, num_classes=C, lr=lrs[h], weight_decay=wds[h], **sval,
+                             **opt_kw, **kw)
+        singles.append((p, r))
+    return res, P, singles
+
+
+@pytest.mark.parametrize("opt_case", list(OPTIMIZERS))
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("C", [2, 10, 100])
+@pytest.mark.parametrize("H", [1, 16])
+def test_grid_matches_separate_runs(opt_case, schedule, dtype, C, H):
+    opt_kw, lr_range, wd_range = OPTIMIZERS[opt_case]
+    X, y = make_data(203 if C < 100 else 400, 24, C, seed=C, dtype=dtype)
+    # odd cases train on a subset (and validate on the held-out rows), even ones on everything
+    use_subset = (C + H + len(schedule)) % 2 == 1
+    kw = dict(epochs=4, batch_size=32, seed=7, schedule=schedule, warmup_steps=3)
+    if use_subset:
+        rows = np.random.default_rng(1).permutation(len(y))
+        train_rows, val_rows = np.sort(rows[: len(y) * 3 // 4]), rows[len(y) * 3 // 4 :]
+        kw["train_rows"] = train_rows
+        val = (dict(val_rows=val_rows), dict(val_features=X[val_rows], val_labels=y[val_rows]))
+    else:
+        val = (dict(val_features=X[:50], val_labels=y[:50]),) * 2
+    res, P, singles = run_both(X, y, C, H, opt_kw, lr_range, wd_range, val=val, **kw)
+    assert res["epochs_run"] == 4 and len(res["history"]) == 4
+    for h, (p, r) in enumerate(singles):
+        np.testing.assert_allclose(P[h], p, rtol=RTOL, atol=ATOL, err_msg=f"head {h} params")
+        assert res["steps"] == r["steps"]
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            got = [e[key][h] for e in res["history"]]
+            want = [e[key] for e in r["history"]]
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-7,
+                                       err_msg=f"head {h} {key}")
+    # learnable data: the grid made progress
+    hist = res["history"]
+    assert np.all(hist[-1]["train_loss"] < hist[0]["train_loss"] + 1e-3)
+
+
+def test_grid_matches_torch_reference():
+    C, H = 10, 4
+    X, y = make_data(203, 24, C)
+    lrs = np.array([0.01, 0.03, 0.05, 0.1])
+    wds = np.array([0.0, 1e-3, 1e-2, 5e-2])
+    kw = dict(optimizer="sgd", momentum=0.9, nesterov=True, schedule="cosine", warmup_steps=3,
+              epochs=16, batch_size=32, seed=3)
+    P0 = init_grid(H, 24, C)
+    P = P0.copy()
+    res = _core.train_heads(P, X, y, num_classes=C, lrs=lrs, weight_decays=wds, n_threads=1, **kw)
+    for h in range(H):
+        q, hist = ref.torch_train(P0[h].copy(), X, y, permutation=_core.epoch_permutation,
+                                  num_classes=C, lr=lrs[h], weight_decay=wds[h], **kw)
+        np.testing.assert_allclose(P[h], q, rtol=RTOL, atol=ATOL, err_msg=f"head {h}")
+        np.testing.assert_allclose([e["train_loss"][h] for e in res["history"]],
+                                   [e["train_loss"] for e in hist], rtol=RTOL)
+        np.testing.assert_allclose([e["lr"][h] for e in res["history"]],
+                                   [e["lr"] for e in hist], rtol=1e-12)
+
+
+def test_grid_label_smoothing_and_class_weights_match():
+    C = 5
+    X, y = make_data(150, 12, C)
+    cw = np.array([0.5, 1.0, 2.0, 1.5, 0.75], dtype=np.float32)
+    res, P, singles = run_both(X, y, C, 3, dict(optimizer="adamw"), (1e-3, 3e-2), (0.0, 0.1),
+                               epochs=3, batch_size=16, class_weights=cw, label_smoothing=0.1)
+    for h, (p, r) in enumerate(singles):
+        np.testing.assert_allclose(P[h], p, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose([e["train_loss"][h] for e in res["history"]],
+                                   [e["train_loss"] for e in r["history"]], rtol=RTOL)
+
+
+def test_grid_is_independent_of_thread_count():
+    X, y = make_data(500, 40, 7)
+    lrs, wds = np.geomspace(1e-3, 0.3, 6), np.zeros(6)
+    out = []
+    for nt in (1, 2):
+        P = init_grid(6, 40, 7)
+        _core.train_heads(P, X, y, num_classes=7, lrs=lrs, weight_decays=wds, optimizer="sgd",
+                          momentum=0.9, epochs=2, batch_size=64, n_threads=nt)
+        out.append(P)
+    # per-head work is thread-independent; GEMM slices may round differently per thread count
+    np.testing.assert_allclose(out[0], out[1], rtol=RTOL, atol=ATOL)
+
+
+def test_grid_callback_and_history_shapes():
+    X, y = make_data(100, 8, 3)
+    P = init_grid(5, 8, 3)
+    seen = []
+
+    def cb(info):
+        seen.append(info["epoch"])
+        assert info["train_loss"].shape == (5,) and info["val_accuracy"].shape == (5,)
+        return info["epoch"] < 1
+
+    res = _core.train_heads(P, X, y, num_classes=3, lrs=np.full(5, 0.1), weight_decays=np.zeros(5),
+                            val_rows=np.arange(20), epochs=10, callback=cb)
+    assert seen == [0, 1] and res["epochs_run"] == 2 and res["stopped_by_callback"]
+    # identical heads with identical settings stay equal (to the rounding of the GEMM's edge
+    # tiles, which may differ between output columns) and lists are accepted for lrs
+    init = np.tile(pyft.init_head_params("linear", 8, 3), (2, 1))
+    _core.train_heads(init, X, y, num_classes=3, lrs=[0.1, 0.1], weight_decays=[0.0, 0.0],
+                      epochs=2)
+    np.testing.assert_allclose(init[0], init[1], rtol=1e-6, atol=1e-7)
+
+
+def test_grid_callback_exception_propagates():
+    X, y = make_data(100, 8, 3)
+    P = init_grid(2, 8, 3)
+
+    def cb(info):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        _core.train_heads(P, X, y, num_classes=3, lrs=[0.1, 0.2], weight_decays=[0, 0],
+                          epochs=5, callback=cb)
+
+
+def _bad(**over):
+    X, y = make_data(50, 6, 3)
+    args = dict(params=init_grid(2, 6, 3), features=X, labels=y)
+    kw = dict(num_classes=3, lrs=np.array([0.1, 0.2]), weight_decays=np.array([0.0, 0.0]),
+              epochs=1)
+    for k, v in over.items():
+        (args if k in args else kw)[k] = v
+    return args, kw
+
+
+BAD = {
+    "lrs-length": (dict(lrs=np.array([0.1])), "lrs must have one value per head"),
+    "lrs-negative": (dict(lrs=np.array([0.1, -1.0])), r"lrs must be positive.*index 1"),
+    "lrs-nan": (dict(lrs=np.array([np.nan, 0.1])), r"lrs must be positive.*index 0"),
+    "lrs-2d": (dict(lrs=np.ones((2, 1))), "lrs must be a 1-D array"),
+    "wd-negative": (dict(weight_decays=np.array([0.0, -1.0])), r"weight_decays must be .*index 1"),
+    "wd-length": (dict(weight_decays=np.zeros(3)), "weight_decays must have one value per head"),
+    "params-1d": (dict(params=np.zeros(21, np.float32)), "params must be a 2-D float32"),
+    "params-f64": (dict(params=np.zeros((2, 21))), "params must be a 2-D float32"),
+    "params-cols": (dict(params=np.zeros((2, 20), np.float32)), "params must have 21 columns"),
+    "params-empty": (dict(params=np.zeros((0, 21), np.float32)), "at least 1 head"),
+    "labels-range": (dict(labels=np.full(50, 3)), r"labels must be in \[0, 3\)"),
+    "train-rows-range": (dict(train_rows=np.array([0, 50])), r"train_rows must be in \[0, 50\)"),
+    "train-rows-empty": (dict(train_rows=np.array([], np.int64)), "train_rows must select"),
+    "val-rows-range": (dict(val_rows=np.array([-1])), r"val_rows must be in \[0, 50\)"),
+    "val-both": (dict(val_rows=np.array([1]), val_features=np.zeros((2, 6), np.float32),
+                      val_labels=np.zeros(2, np.int64)), "not both"),
+    "val-labels-alone": (dict(val_labels=np.zeros(2, np.int64)), "given together"),
+    "val-cols": (dict(val_features=np.zeros((2, 5), np.float32), val_labels=np.zeros(2, np.int64)),
+                 "val_features must have 6 columns"),
+    "optimizer": (dict(optimizer="lion"), "optimizer must be 'sgd' or 'adamw'"),
+    "schedule": (dict(schedule="poly"), "schedule must be"),
+    "momentum": (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
+    "epochs": (dict(epochs=0), "epochs must be >= 1"),
+    "batch": (dict(batch_size=0), "batch_size must be >= 1"),
+    "num-classes": (dict(num_classes=1), "num_classes must be >= 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_grid_bad_input(case):
+    over, msg = BAD[case]
+    args, kw = _bad(**over)
+    with pytest.raises(ValueError, match=msg):
+        _core.train_heads(args["params"], args["features"], args["labels"], **kw)
+
+
+def test_grid_read_only_params():
+    args, kw = _bad()
+    args["params"].setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        _core.train_heads(args["params"], args["features"], args["labels"], **kw)
+
+
+def test_grid_nonfinite_features_raise_and_leave_params():
+    args, kw = _bad()
+    args["features"][7, 2] = np.nan
+    before = args["params"].copy()
+    with pytest.raises(ValueError, match="features must be finite.*row 7, column 2"):
+        _core.train_heads(args["params"], args["features"], args["labels"], **kw)
+    np.testing.assert_array_equal(args["params"], before)
+
+
+def test_grid_diverging_head_does_not_raise_or_touch_others():
+    X, y = make_data(100, 8, 3)
+    P0 = init_grid(2, 8, 3)
+    P = P0.copy()
+    _core.train_heads(P, X, y, num_classes=3, lrs=[1e30, 0.1], weight_decays=[0, 0], epochs=2,
+                      optimizer="sgd")
+    p = P0[1].copy()
+    _core.train_head(p, X, y, num_classes=3, lr=0.1, epochs=2, optimizer="sgd")
+    np.testing.assert_allclose(P[1], p, rtol=RTOL, atol=ATOL)
+
+
+_CHILD_INTERRUPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from pyft import _core
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20000, 128), dtype=np.float32)
+    y = rng.integers(0, 10, 20000)
+    P = np.zeros((8, 10 * 128 + 10), np.float32)
+    def cb(info):
+        if info["epoch"] == 0:
+            print("started", flush=True)
+    try:
+        _core.train_heads(P, X, y, num_classes=10, lrs=np.full(8, 0.01), weight_decays=np.zeros(8),
+                          epochs=100000, callback=cb)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(0)
+    print("finished", flush=True)
+    """
+)
+
+
+def test_grid_ctrl_c_interrupts():
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD_INTERRUPT], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and rest.strip() == "interrupted"
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
