@@ -297,3 +297,98 @@ def test_grid_ctrl_c_interrupts():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# pyft.grid.fit_grid
+
+
+def _scaled_problem(n=2000, d=16, c=4, seed=1, sep=0.3):
+    """Overlapping blobs with large-scale features: at 3 epochs lr 1e-6 stays near chance and
+    lr 10 overshoots (validation loss ~200), lr 1e-2 learns (loss ~0.7): a clear winner."""
+    X, y = make_data(n, d, c, seed=seed, sep=sep)
+    return (X * 10).astype(np.float32), y
+
+
+def test_default_lrs_scale_with_batch_size():
+    from pyft.grid import BASE_LRS, default_lrs
+
+    np.testing.assert_allclose(default_lrs(256), BASE_LRS)
+    np.testing.assert_allclose(default_lrs(512), np.asarray(BASE_LRS) * 2)
+
+
+def test_fit_grid_selects_clearly_best_lr_and_refit_matches_train_head():
+    from pyft.grid import fit_grid
+
+    X, y = _scaled_problem()
+    labels = np.array(["a", "b", "c", "d"])[y]
+    res = fit_grid(X, labels, lrs=[1e-6, 1e-2, 10.0], weight_decays=[0.0, 1e-4], epochs=3,
+                   batch_size=32, seed=5, select="loss")
+    assert res.table_["lr"].shape == (6,) and res.n_folds_ == 1
+    assert res.best_lr_ == 1e-2
+    assert res.table_["val_loss_mean"][res.best_index_] < 0.2 * np.delete(
+        res.table_["val_loss_mean"], [2, 3]).min()
+    by_acc = fit_grid(X, labels, lrs=[1e-6, 1e-2], epochs=3, batch_size=32, seed=5)
+    assert by_acc.best_lr_ == 1e-2
+    assert by_acc.table_["val_accuracy_mean"][1] > by_acc.table_["val_accuracy_mean"][0] + 0.3
+    assert list(res.classes_) == ["a", "b", "c", "d"]
+    # refit on all rows with the chosen settings == a direct train_head run
+    p = pyft.init_head_params("linear", X.shape[1], 4, seed=5)
+    _core.train_head(p, X, y, num_classes=4, optimizer="sgd", momentum=0.9, schedule="cosine",
+                     lr=res.best_lr_, weight_decay=res.best_weight_decay_, epochs=3,
+                     batch_size=32, seed=5)
+    np.testing.assert_array_equal(res.params_, p)
+    assert (res.predict(X) == labels).mean() > 0.6
+    # the validation split is stratified, disjoint from training, and recorded
+    va = np.flatnonzero(res.fold_ == 0)
+    assert set(np.unique(res.fold_)) == {-1, 0}
+    assert abs(len(va) - 200) <= 1
+    np.testing.assert_allclose(np.bincount(y[va], minlength=4) / len(va),
+                               np.bincount(y, minlength=4) / len(y), atol=0.02)
+
+
+def test_fit_grid_kfold_disjoint_stratified_and_no_leakage():
+    from sklearn.model_selection import StratifiedKFold
+
+    from pyft.grid import fit_grid
+
+    X, y = _scaled_problem(n=500, c=5, sep=2.0)
+    res = fit_grid(X, y, lrs=[1e-3, 1e-2], folds=5, epochs=2, batch_size=64, seed=3)
+    assert res.n_folds_ == 5 and res.table_["val_accuracy"].shape == (5, 2)
+    # every sample is held out exactly once; each fold keeps the class proportions
+    assert set(np.unique(res.fold_)) == set(range(5))
+    for k in range(5):
+        counts = np.bincount(y[res.fold_ == k], minlength=5)
+        assert counts.max() - counts.min() <= np.bincount(y).max() - np.bincount(y).min() + 5
+        assert abs((res.fold_ == k).sum() - 100) <= 1
+    # same folds as StratifiedKFold with the seed
+    for k, (_, va) in enumerate(StratifiedKFold(5, shuffle=True, random_state=3).split(X, y)):
+        np.testing.assert_array_equal(np.flatnonzero(res.fold_ == k), np.sort(va))
+    # fold k's numbers equal a fresh train_head on the other folds, validated on fold k
+    k = 2
+    tr, va = np.flatnonzero(res.fold_ != k), np.flatnonzero(res.fold_ == k)
+    p = pyft.init_head_params("linear", X.shape[1], 5, seed=3)
+    r = _core.train_head(p, X, y, num_classes=5, optimizer="sgd", momentum=0.9, schedule="cosine",
+                         lr=1e-2, epochs=2, batch_size=64, seed=3, train_rows=tr,
+                         val_features=X[va], val_labels=y[va])
+    assert res.table_["val_accuracy"][k, 1] == pytest.approx(r["history"][-1]["val_accuracy"])
+    assert res.table_["val_loss"][k, 1] == pytest.approx(r["history"][-1]["val_loss"], rel=1e-5)
+    np.testing.assert_allclose(res.table_["val_accuracy_mean"], res.table_["val_accuracy"].mean(0))
+    np.testing.assert_allclose(res.table_["val_accuracy_std"], res.table_["val_accuracy"].std(0))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(folds=1), "folds must be None"),
+    (dict(folds=True), "folds must be None"),
+    (dict(folds=500), "needs at least 500 samples of every class"),
+    (dict(val_fraction=1.5), r"val_fraction must be in \(0, 1\)"),
+    (dict(lrs=[]), "lrs must be a non-empty"),
+    (dict(select="f1"), "select must be"),
+    (dict(lrs=[-1.0]), "lrs must be positive"),
+])
+def test_fit_grid_bad_input(kw, msg):
+    from pyft.grid import fit_grid
+
+    X, y = _scaled_problem(n=100)
+    with pytest.raises(ValueError, match=msg):
+        fit_grid(X, y, epochs=1, **kw)
