@@ -139,6 +139,9 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
   std::vector<int64_t> head_correct(H);
   std::vector<uint8_t> head_bad(H);
   const int head_threads = static_cast<int>(std::min<int64_t>(nt, H));
+  // Split the heads over the threads when each gets at least one (and the batch is big enough to
+  // be worth the threads); otherwise all threads share each GEMM.
+  const bool head_split = nt > 1 && H >= nt && B * D >= (1 << 15);
 
   GridResult res;
   int64_t step = 0;
@@ -179,10 +182,8 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
       const float invd = static_cast<float>(inv_denom);
       factor = lr_factor(opt, step, total_steps, steps_per_epoch);
 
-      // Forward for all heads at once: Z (count x H*C) = x W^T.
-      gather_rows(X, idx, 0, count, xbuf.data(), D, nt);
-      gemm(false, true, count, HC, D, 1.0f, xbuf.data(), D, W.W.data(), D, 0.0f, Z.data(), HC, nt);
-      for_heads([&](int64_t h, HeadScratch& sc) {
+      // Softmax cross-entropy of head h on its block of Z; Z's block becomes dL/dlogits.
+      auto ce_head = [&](int64_t h, HeadScratch& sc) {
         // Head h's block, made contiguous for the shared softmax cross-entropy.
         float* z = sc.z.data();
         const float* bh = W.bias(h);
@@ -210,17 +211,66 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
             gb[c] += z[r * C + c];
           }
         }
-      });
-      bool any_bad = false;
-      for (int64_t h = 0; h < H; ++h) any_bad |= head_bad[h] != 0;
-      if (any_bad && !features_verified) {
-        verify_finite(X, "features", nt);  // throws before this batch updates the weights
-        features_verified = true;
-      }
-      // Backward for all heads at once: dW (H*C x D) = dZ^T x.
-      gemm(true, false, HC, D, count, 1.0f, Z.data(), HC, xbuf.data(), D, 0.0f, G.W.data(), D, nt);
+      };
+      // Heads [h0, h1): logits Z[:, h0*C : h1*C] = x W[h0*C : h1*C]^T, and after the loss the
+      // weight gradient G[h0*C : h1*C] = dZ[:, h0*C : h1*C]^T x.
+      auto forward = [&](int64_t h0, int64_t h1, int threads) {
+        gemm(false, true, count, (h1 - h0) * C, D, 1.0f, xbuf.data(), D, W.w(h0), D, 0.0f,
+             Z.data() + h0 * C, HC, threads);
+      };
+      auto backward = [&](int64_t h0, int64_t h1, int threads) {
+        gemm(true, false, (h1 - h0) * C, D, count, 1.0f, Z.data() + h0 * C, HC, xbuf.data(), D,
+             0.0f, G.w(h0), D, threads);
+      };
       ++optimizer.t;
-      for_heads([&](int64_t h, HeadScratch&) { optimizer.step_head(W, G, h, factor); });
+      bool stepped = false;
+      if (head_split) {
+        // Each thread owns a contiguous range of heads: its own GEMMs (one operand packed per
+        // thread instead of both threads packing the shared one), loss and optimizer step, with
+        // two barriers per batch (after the shared gather, after the loss) instead of one per
+        // phase. Head h's arithmetic does not depend on which thread runs it.
+        bool any_bad = false;
+#if defined(PYFT_WITH_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+        {
+          const int t = thread_id();
+          int64_t lo, hi, h0, h1;
+          partition(count, nt, t, &lo, &hi);
+          if (hi > lo) gather_rows(X, idx + lo, 0, hi - lo, xbuf.data() + lo * D, D, 1);
+#if defined(PYFT_WITH_OPENMP)
+#pragma omp barrier
+#endif
+          partition(H, nt, t, &h0, &h1);
+          if (h1 > h0) forward(h0, h1, 1);
+          for (int64_t h = h0; h < h1; ++h) ce_head(h, scratch[t]);
+#if defined(PYFT_WITH_OPENMP)
+#pragma omp barrier
+#endif
+          bool bad = false;
+          for (int64_t h = 0; h < H; ++h) bad |= head_bad[h] != 0;
+          if (!bad && h1 > h0) {
+            backward(h0, h1, 1);
+            for (int64_t h = h0; h < h1; ++h) optimizer.step_head(W, G, h, factor);
+          }
+          if (t == 0) any_bad = bad;
+        }
+        stepped = !any_bad;
+      } else {
+        gather_rows(X, idx, 0, count, xbuf.data(), D, nt);
+        forward(0, H, nt);
+        for_heads(ce_head);
+      }
+      if (!stepped) {
+        bool any_bad = false;
+        for (int64_t h = 0; h < H; ++h) any_bad |= head_bad[h] != 0;
+        if (any_bad && !features_verified) {
+          verify_finite(X, "features", nt);  // throws before this batch updates the weights
+          features_verified = true;
+        }
+        backward(0, H, nt);
+        for_heads([&](int64_t h, HeadScratch&) { optimizer.step_head(W, G, h, factor); });
+      }
       for (int64_t h = 0; h < H; ++h) {
         loss_sum[h] += head_loss[h] * static_cast<double>(count);
         correct[h] += head_correct[h];
