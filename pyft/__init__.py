@@ -29,6 +29,8 @@ _LAZY = {
     "scratch": "pyft.freezing",
     "advise": "pyft.advice",
     "Advice": "pyft.advice",
+    "export_onnx": "pyft.export",
+    "InferenceSession": "pyft.export",
 }
 
 __all__ = ["HeadClassifier", "init_head_params", "head_param_count", "__version__", *_LAZY]
