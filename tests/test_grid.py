@@ -142,15 +142,23 @@ def test_grid_label_smoothing_and_class_weights_match():
                                    [e["train_loss"] for e in r["history"]], rtol=RTOL)
 
 
-def test_grid_is_independent_of_thread_count():
-    X, y = make_data(500, 40, 7)
-    lrs, wds = np.geomspace(1e-3, 0.3, 6), np.zeros(6)
+# batch_size * D >= 2**15 with H >= threads: each thread runs its own heads' GEMMs (head split)
+SPLITS = {"shared-gemm": (40, 64, 6), "head-split": (128, 256, 6), "fewer-heads": (128, 256, 1)}
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
+def test_grid_is_independent_of_thread_count(case):
+    D, B, H = SPLITS[case]
+    X, y = make_data(700, D, 7)
+    lrs, wds = np.geomspace(1e-3, 0.3, H), np.zeros(H)
     out = []
-    for nt in (1, 2):
-        P = init_grid(6, 40, 7)
+    for nt in (1, 2, 3):
+        P = init_grid(H, D, 7)
         _core.train_heads(P, X, y, num_classes=7, lrs=lrs, weight_decays=wds, optimizer="sgd",
-                          momentum=0.9, epochs=2, batch_size=64, n_threads=nt)
+                          momentum=0.9, epochs=2, batch_size=B, n_threads=nt,
+                          val_rows=np.arange(100))
         out.append(P)
+    np.testing.assert_allclose(out[0], out[2], rtol=RTOL, atol=ATOL)
     # per-head work is thread-independent; GEMM slices may round differently per thread count
     np.testing.assert_allclose(out[0], out[1], rtol=RTOL, atol=ATOL)
 
@@ -242,23 +250,31 @@ def test_grid_read_only_params():
         _core.train_heads(args["params"], args["features"], args["labels"], **kw)
 
 
-def test_grid_nonfinite_features_raise_and_leave_params():
-    args, kw = _bad()
-    args["features"][7, 2] = np.nan
-    before = args["params"].copy()
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("D", [6, 128])  # 128: the head-split path with batch 256
+def test_grid_nonfinite_features_raise_and_leave_params(D, n_threads):
+    X, y = make_data(300, D, 3)
+    X[7, 2] = np.nan
+    P = init_grid(4, D, 3)
+    before = P.copy()
     with pytest.raises(ValueError, match="features must be finite.*row 7, column 2"):
-        _core.train_heads(args["params"], args["features"], args["labels"], **kw)
-    np.testing.assert_array_equal(args["params"], before)
+        _core.train_heads(P, X, y, num_classes=3, lrs=np.full(4, 0.1), weight_decays=np.zeros(4),
+                          epochs=1, n_threads=n_threads)
+    np.testing.assert_array_equal(P, before)
 
 
-def test_grid_diverging_head_does_not_raise_or_touch_others():
-    X, y = make_data(100, 8, 3)
-    P0 = init_grid(2, 8, 3)
+@pytest.mark.parametrize("D", [8, 128])
+def test_grid_diverging_head_does_not_raise_or_touch_others(D):
+    X, y = make_data(600, D, 3)
+    P0 = init_grid(2, D, 3)
     P = P0.copy()
-    _core.train_heads(P, X, y, num_classes=3, lrs=[1e30, 0.1], weight_decays=[0, 0], epochs=2,
-                      optimizer="sgd")
+    # lr 1e38 overflows the weights to infinity, then NaN: every later batch takes the
+    # non-finite path, which must still train the healthy head
+    _core.train_heads(P, X, y, num_classes=3, lrs=[1e38, 0.1], weight_decays=[0, 0], epochs=2,
+                      optimizer="sgd", momentum=0.9, n_threads=2)
+    assert not np.all(np.isfinite(P[0]))
     p = P0[1].copy()
-    _core.train_head(p, X, y, num_classes=3, lr=0.1, epochs=2, optimizer="sgd")
+    _core.train_head(p, X, y, num_classes=3, lr=0.1, epochs=2, optimizer="sgd", momentum=0.9)
     np.testing.assert_allclose(P[1], p, rtol=RTOL, atol=ATOL)
 
 
@@ -392,3 +408,17 @@ def test_fit_grid_bad_input(kw, msg):
     X, y = _scaled_problem(n=100)
     with pytest.raises(ValueError, match=msg):
         fit_grid(X, y, epochs=1, **kw)
+
+
+def test_fit_grid_on_float16_memmap(tmp_path):
+    from pyft.grid import fit_grid
+
+    X, y = _scaled_problem(n=400, sep=2.0)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float16, shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    res = fit_grid(mm, y, lrs=[1e-3, 1e-2], folds=3, epochs=2, batch_size=64)
+    want = fit_grid(np.asarray(mm), y, lrs=[1e-3, 1e-2], folds=3, epochs=2, batch_size=64)
+    np.testing.assert_array_equal(res.params_, want.params_)
+    np.testing.assert_array_equal(res.table_["val_loss"], want.table_["val_loss"])
