@@ -28,6 +28,8 @@ _LAZY = {
     "full": "pyft.freezing",
     "scratch": "pyft.freezing",
     "advise": "pyft.advice",
+    "FineTuner": "pyft.finetune",
+    "load_data": "pyft.data",
     "Advice": "pyft.advice",
     "export_onnx": "pyft.export",
     "InferenceSession": "pyft.export",

@@ -141,6 +141,8 @@ def _as_inputs_labels(data: Any, labels: Any) -> Tuple[Any, np.ndarray]:
 
 
 def _take(data: Any, idx: np.ndarray) -> Any:
+    if hasattr(data, "fingerprint_paths"):  # pyft.data.ImageFiles: read only these files
+        return data[np.asarray(idx)]
     if isinstance(data, (list, tuple)):
         return [data[i] for i in idx]
     if isinstance(data, torch.Tensor):

@@ -63,6 +63,8 @@ def data_fingerprint(data: Any) -> Dict[str, Any]:
     Lists of arrays / PIL images: SHA-256 over each item's bytes and shape.
     """
     h = hashlib.sha256()
+    if hasattr(data, "fingerprint_paths"):  # pyft.data.ImageFiles: lazily read image files
+        data = data.fingerprint_paths()
     if hasattr(data, "detach") and hasattr(data, "cpu"):  # torch tensor
         data = data.detach().cpu().numpy() if str(data.dtype) != "torch.bfloat16" \
             else data.detach().cpu().view(-1).float().numpy()

@@ -1,0 +1,450 @@
+"""FineTuner: the playbook end to end -- choose a strategy, cache what is frozen, train the rest.
+
+=================  ===========================================================================
+``head_only``      the body's output is cached once; the native trainer fits the head on it
+``freeze_first``   the first k blocks' output is cached once; PyTorch trains the rest on batches
+                   the native gatherer draws from the cache
+``full``           end to end in PyTorch, pretrained layers at a smaller learning rate
+``scratch``        end to end in PyTorch, re-initialised
+``auto``           :func:`pyft.advise` measures and chooses (``advice_`` says why)
+=================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from pyft.data import LabeledData, load_data
+
+__all__ = ["FineTuner", "STRATEGIES"]
+
+STRATEGIES = ("auto", "head_only", "freeze_first", "full", "scratch")
+SAVE_FORMAT = 1
+_log = logging.getLogger("pyft")
+
+
+def _stratified_split(y: np.ndarray, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    n_val = max(int(round(fraction * len(y))), int((counts > 0).sum()))
+    tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
+    return np.sort(tr), np.sort(va)
+
+
+def _take(inputs: Any, idx: np.ndarray) -> Any:
+    if hasattr(inputs, "fingerprint_paths"):
+        return inputs[np.asarray(idx)]
+    if isinstance(inputs, (list, tuple)):
+        return [inputs[i] for i in idx]
+    if isinstance(inputs, torch.Tensor):
+        return inputs[torch.as_tensor(idx)]
+    return inputs[idx]
+
+
+class FineTuner:
+    """Fine-tune a pretrained network on labelled data with the right strategy.
+
+    Parameters
+    ----------
+    model : str or FineTunableModel
+        A spec for :func:`pyft.load_model` (default the bundled EfficientNet-Lite0) or a model.
+    num_classes : int, optional
+        Taken from the training labels when not given.
+    strategy : {"auto", "head_only", "freeze_first", "full", "scratch"}
+    k : int or str, optional
+        Blocks to freeze for ``freeze_first`` (``auto`` chooses it).
+    epochs, batch_size, lr, weight_decay :
+        Training settings; ``lr`` is the new head's rate (default 1e-3 with AdamW), pretrained
+        layers train at ``lr_ratio`` times it.
+    patience : int
+        Early stopping on validation loss (epochs without improvement); the best epoch's weights
+        are restored. 0 disables.
+    val_fraction : float
+        Stratified validation split of the training data when ``fit`` gets no ``val``.
+    image_size : int, optional
+        Input resolution for image models.
+    cache_dir : str, optional
+        Feature-cache folder (default ``$PYFT_CACHE_DIR`` or ``~/.cache/pyft``).
+    advise_budget : float, optional
+        Seconds for the trial runs of ``auto``.
+    autocast : bool, optional
+        bfloat16 autocast for end-to-end training; default on for CUDA, off on CPU (where it
+        helps only with AMX/AVX-512 BF16, which these machines lack).
+    """
+
+    def __init__(self, model: Any = "efficientnet_lite0", num_classes: Optional[int] = None,
+                 strategy: str = "auto", *, k: Union[int, str, None] = None, epochs: int = 10,
+                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 lr_ratio: float = 0.1, layer_decay: Optional[float] = None, patience: int = 3,
+                 val_fraction: float = 0.1, image_size: Optional[int] = None,
+                 cache_dir: Optional[str] = None, advise_budget: Optional[float] = None,
+                 autocast: Optional[bool] = None, device: str = "cpu", seed: int = 0,
+                 progress: bool = True) -> None:
+        if strategy not in STRATEGIES:
+            import difflib
+
+            close = difflib.get_close_matches(str(strategy), STRATEGIES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}{hint}")
+        for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                            ("patience", patience, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be a positive number; got {lr!r}")
+        if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
+        self.model = model
+        self.num_classes = num_classes
+        self.strategy = strategy
+        self.k = k
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.lr_ratio = lr_ratio
+        self.layer_decay = layer_decay
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.image_size = image_size
+        self.cache_dir = cache_dir
+        self.advise_budget = advise_budget
+        self.autocast = autocast
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train: Any, val: Any = None, labels: Any = None) -> "FineTuner":
+        """Fit on ``train`` (anything :func:`pyft.data.load_data` reads), validating on ``val``
+        (or a stratified split of ``train``). Returns self."""
+        from pyft.models import FineTunableModel, load_model
+
+        t0 = time.perf_counter()
+        data = load_data(train, labels)
+        counts = np.bincount(data.labels, minlength=len(data.classes))
+        if len(data.classes) < 2:
+            raise ValueError(f"training data must hold at least 2 classes; got {data.classes}")
+        if val is None:
+            few = [data.classes[i] for i in np.flatnonzero(counts < 2)]
+            if few:
+                raise ValueError(f"class(es) {few[:5]} have fewer than 2 samples: a validation "
+                                 "split needs at least 2 per class (add samples or pass val=)")
+            tr, va = _stratified_split(data.labels, self.val_fraction, self.seed)
+            train_d, val_d = data.subset(tr), data.subset(va)
+        else:
+            train_d = data
+            val_d = load_data(val, classes=data.classes)
+        n_classes = len(data.classes)
+        if self.num_classes is not None and self.num_classes != n_classes:
+            raise ValueError(f"num_classes={self.num_classes} but the training labels hold "
+                             f"{n_classes} classes: {data.classes[:10]}")
+        if isinstance(self.model, str):
+            model = load_model(self.model, n_classes, image_size=self.image_size, seed=self.seed)
+        elif isinstance(self.model, FineTunableModel):
+            model = self.model
+            if model.num_classes != n_classes:
+                raise ValueError(f"the model's head has {model.num_classes} outputs but the "
+                                 f"training labels hold {n_classes} classes")
+        else:
+            raise TypeError(f"model must be a spec string or a FineTunableModel; got "
+                            f"{type(self.model).__name__}")
+        if model.kind != data.kind:
+            raise TypeError(f"{model.spec} is a {model.kind} model but the data holds "
+                            f"{data.kind}s")
+        model.to(self.device)
+        strategy, k = self.strategy, self.k
+        self.advice_ = None
+        if strategy == "auto":
+            from pyft.advice import advise
+
+            self.advice_ = advise(model, train_d.inputs, train_d.labels,
+                                  time_budget=self.advise_budget, epochs=self.epochs,
+                                  seed=self.seed)
+            strategy, k = self.advice_.strategy, self.advice_.k
+            _log.info("auto strategy: %s%s -- %s", strategy,
+                      f"(k={k})" if k else "", self.advice_.reason)
+        if strategy == "freeze_first" and k is None:
+            k = max(1, len(model.blocks) // 2)
+        self.history_: List[Dict[str, Any]] = []
+        if strategy == "head_only":
+            self._fit_head_only(model, train_d, val_d)
+        elif strategy == "freeze_first":
+            self._fit_freeze_first(model, k, train_d, val_d)
+        else:
+            self._fit_end_to_end(model, strategy, train_d, val_d)
+        model.eval()
+        self.model_ = model
+        self.classes_ = list(data.classes)
+        self.strategy_ = strategy
+        self.k_ = model.block_index(k) if strategy == "freeze_first" else None
+        self.fit_seconds_ = time.perf_counter() - t0
+        self.val_metrics_ = self.evaluate(val_d)
+        return self
+
+    def _cache(self, model: Any, d: LabeledData, cut: Any) -> Any:
+        from pyft.cache import extract_features
+
+        return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
+                                batch_size=self.batch_size, progress=self.progress)
+
+    def _fit_head_only(self, model: Any, tr: LabeledData, va: LabeledData) -> None:
+        from pyft.heads import HeadClassifier
+
+        model.freeze("head_only")
+        e_tr, e_va = self._cache(model, tr, "head"), self._cache(model, va, "head")
+        clf = HeadClassifier(solver="lbfgs", C=1.0, max_iter=500, random_state=self.seed)
+        clf.fit(e_tr.features, e_tr.labels)
+        classes = np.asarray(clf.classes_)
+        W = np.zeros((model.num_classes, clf.coef_.shape[1]), np.float32)
+        b = np.full(model.num_classes, -1e4, np.float32)  # classes absent from training
+        W[classes] = clf.coef_
+        b[classes] = clf.intercept_
+        with torch.no_grad():
+            model.head.weight.copy_(torch.from_numpy(W))
+            model.head.bias.copy_(torch.from_numpy(b))
+        acc = float(clf.score(e_va.features, e_va.labels))
+        self.history_.append({"epoch": 0, "solver": "lbfgs", "iterations": int(clf.n_iter_),
+                              "val_accuracy": acc, "cache_reused": bool(e_tr.reused)})
+
+    def _optimizer(self, groups: List[Dict[str, Any]], steps: int) -> Any:
+        opt = torch.optim.AdamW(groups)
+        warm = max(1, steps // 20)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def _train_loop(self, model: Any, groups: List[Dict[str, Any]], forward: Any,
+                    train_batches: Any, val_batches: Any, steps_per_epoch: int) -> None:
+        opt, sched = self._optimizer(groups, steps_per_epoch * self.epochs)
+        best, best_state, bad = math.inf, None, 0
+        use_autocast = self.autocast if self.autocast is not None else self.device.startswith("cuda")
+        for epoch in range(self.epochs):
+            t = time.perf_counter()
+            model.train()
+            tot, n = 0.0, 0
+            for x, y in train_batches(epoch):
+                with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                                    enabled=bool(use_autocast)):
+                    loss = nn.functional.cross_entropy(forward(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += float(loss.detach()) * len(y)
+                n += len(y)
+            model.eval()
+            vl, vc, vn = 0.0, 0, 0
+            with torch.inference_mode():
+                for x, y in val_batches():
+                    out = forward(x).float()
+                    vl += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                    vc += int((out.argmax(1) == y).sum())
+                    vn += len(y)
+            rec = {"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": vl / max(vn, 1),
+                   "val_accuracy": vc / max(vn, 1), "lr": sched.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t}
+            self.history_.append(rec)
+            _log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch,
+                      rec["train_loss"], rec["val_loss"], rec["val_accuracy"])
+            if rec["val_loss"] < best - 1e-6:
+                best, bad = rec["val_loss"], 0
+                best_state = copy.deepcopy(model.net.state_dict())
+            else:
+                bad += 1
+                if self.patience and bad >= self.patience:
+                    break
+        if best_state is not None:
+            model.net.load_state_dict(best_state)
+
+    def _fit_freeze_first(self, model: Any, k: Any, tr: LabeledData, va: LabeledData) -> None:
+        from pyft.split import split_model
+
+        groups = model.freeze("freeze_first", k=k, lr=self.lr, weight_decay=self.weight_decay,
+                              lr_ratio=self.lr_ratio)
+        try:
+            _, suffix = split_model(model, k)
+        except NotImplementedError as e:
+            _log.warning("%s; training end to end with the prefix frozen", e)
+            self._end_to_end_loop(model, groups, tr, va)
+            return
+        e_tr, e_va = self._cache(model, tr, k), self._cache(model, va, k)
+        steps = math.ceil(len(e_tr) / self.batch_size)
+
+        def val_batches():
+            for x, y in e_va.batches(self.batch_size, shuffle=False):
+                yield x.clone(), y
+
+        self._train_loop(model, groups, suffix,
+                         lambda epoch: e_tr.batches(self.batch_size, seed=self.seed, epoch=epoch),
+                         val_batches, steps)
+
+    def _fit_end_to_end(self, model: Any, strategy: str, tr: LabeledData, va: LabeledData) -> None:
+        opts: Dict[str, Any] = {}
+        if strategy == "full":
+            opts = {"lr_ratio": self.lr_ratio, "layer_decay": self.layer_decay}
+        else:
+            opts = {"seed": self.seed}
+        groups = model.freeze(strategy, lr=self.lr, weight_decay=self.weight_decay, **opts)
+        self._end_to_end_loop(model, groups, tr, va)
+
+    def _end_to_end_loop(self, model: Any, groups: List[Dict[str, Any]], tr: LabeledData,
+                         va: LabeledData) -> None:
+        dev = self.device
+
+        def to_dev(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {key: v.to(dev) for key, v in x.items()}
+            return x.to(dev)
+
+        def batches(d: LabeledData, order: np.ndarray):
+            y = torch.as_tensor(d.labels)
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                yield to_dev(model.preprocess(_take(d.inputs, idx))), y[idx].to(dev)
+
+        def train_batches(epoch: int):
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(tr))
+            return batches(tr, order)
+
+        steps = math.ceil(len(tr) / self.batch_size)
+        self._train_loop(model, groups, model.run, train_batches,
+                         lambda: batches(va, np.arange(len(va))), steps)
+
+    # ------------------------------------------------------------------ use
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError("this FineTuner is not fitted yet; call fit() first")
+
+    def predict_proba(self, inputs: Any) -> np.ndarray:
+        """Class probabilities, shape (n, n_classes), for raw images or texts."""
+        self._check_fitted()
+        if isinstance(inputs, (str, os.PathLike)) or isinstance(inputs, LabeledData):
+            inputs = load_data(inputs, classes=self.classes_).inputs
+        m = self.model_
+        m.eval()
+        n = len(inputs)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, n, self.batch_size):
+                x = m.preprocess(_take(inputs, np.arange(i, min(i + self.batch_size, n))))
+                if isinstance(x, dict):
+                    x = {key: v.to(self.device) for key, v in x.items()}
+                else:
+                    x = x.to(self.device)
+                out.append(m.run(x).float().softmax(1).cpu().numpy())
+        return np.concatenate(out)
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        """Predicted class names (as strings, in the order of ``classes_``)."""
+        self._check_fitted()
+        return np.asarray(self.classes_)[self.predict_proba(inputs).argmax(1)]
+
+    def evaluate(self, data: Any, labels: Any = None) -> Dict[str, Any]:
+        """Accuracy, mean cross-entropy and the confusion matrix on labelled data."""
+        self._check_fitted()
+        d = load_data(data, labels, classes=self.classes_)
+        p = self.predict_proba(d.inputs)
+        pred = p.argmax(1)
+        n_cls = len(self.classes_)
+        cm = np.zeros((n_cls, n_cls), np.int64)
+        np.add.at(cm, (d.labels, pred), 1)
+        loss = float(-np.mean(np.log(np.clip(p[np.arange(len(pred)), d.labels], 1e-12, None))))
+        return {"accuracy": float((pred == d.labels).mean()), "loss": loss, "n": int(len(pred)),
+                "confusion_matrix": cm.tolist(), "classes": list(self.classes_)}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        """Write ``model.safetensors`` and ``config.json`` into the folder ``path``."""
+        self._check_fitted()
+        from safetensors.torch import save_file
+
+        import pyft
+
+        path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot save to {path!r}: folder {parent!r} does not exist")
+        os.makedirs(path, exist_ok=True)
+        m = self.model_
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in m.net.state_dict().items()}
+        config = {
+            "format": SAVE_FORMAT, "pyft_version": pyft.__version__, "spec": m.spec,
+            "kind": m.kind, "num_classes": m.num_classes, "classes": self.classes_,
+            "image_size": (list(m.preprocessing.input_size) if m.kind == "image" else None),
+            "preprocessing": m.preprocessing.key(), "strategy": self.strategy_, "k": self.k_,
+            "history": self.history_, "val_metrics": {k: v for k, v in self.val_metrics_.items()
+                                                      if k != "confusion_matrix"},
+        }
+        tmp_w, tmp_c = os.path.join(path, ".model.tmp"), os.path.join(path, ".config.tmp")
+        save_file(state, tmp_w, metadata={"format": str(SAVE_FORMAT)})
+        with open(tmp_c, "w") as f:
+            json.dump(config, f, indent=1)
+        os.replace(tmp_w, os.path.join(path, "model.safetensors"))
+        os.replace(tmp_c, os.path.join(path, "config.json"))
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], model: Any = None) -> "FineTuner":
+        """Load a saved FineTuner (no training data needed). ``model`` provides the network for
+        models that were wrapped from a user's own module."""
+        from safetensors.torch import load_file
+
+        from pyft.models import FineTunableModel, load_model
+
+        path = os.fspath(path)
+        cpath, wpath = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+        if not os.path.isfile(cpath) or not os.path.isfile(wpath):
+            raise FileNotFoundError(f"{path!r} is not a saved FineTuner (needs config.json and "
+                                    "model.safetensors)")
+        try:
+            with open(cpath) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{cpath} is damaged: {e}") from e
+        if config.get("format") != SAVE_FORMAT:
+            raise ValueError(f"{path!r} was saved by pyft {config.get('pyft_version')} in format "
+                             f"{config.get('format')}; this pyft reads format {SAVE_FORMAT}")
+        try:
+            state = load_file(wpath)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{wpath} is damaged: {e}") from e
+        if model is None:
+            spec = config["spec"]
+            size = config.get("image_size")
+            model = load_model(spec, config["num_classes"], weights="random",
+                               image_size=None if size is None else int(size[0]))
+        if not isinstance(model, FineTunableModel):
+            raise TypeError(f"model must be a FineTunableModel; got {type(model).__name__}")
+        try:
+            model.net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{wpath} does not match {model.spec}: {str(e)[:500]}") from e
+        model.pretrained = True
+        model.eval()
+        ft = cls(model, config["num_classes"], config["strategy"])
+        ft.model_ = model
+        ft.classes_ = list(config["classes"])
+        ft.strategy_ = config["strategy"]
+        ft.k_ = config.get("k")
+        ft.history_ = config.get("history", [])
+        ft.val_metrics_ = config.get("val_metrics", {})
+        return ft
