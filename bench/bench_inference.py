@@ -25,6 +25,7 @@ The last line printed is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -178,8 +179,17 @@ def main(argv=None):
 
         lat = interleaved({"pytorch": lambda: torch_forward(x1),
                            "onnxruntime": lambda: sess.run(x1n)}, small_repeats, warmup=3)
+        # Not the target's baseline, for context: PyTorch is faster on channels-last tensors.
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        xb_cl = xb.contiguous(memory_format=torch.channels_last)
+
+        def torch_channels_last():
+            with torch.inference_mode():
+                return net_cl(xb_cl)
+
         thr = interleaved({"pytorch": lambda: torch_forward(xb),
-                           "onnxruntime": lambda: sess.run(xbn)}, repeats, warmup=1)
+                           "onnxruntime": lambda: sess.run(xbn),
+                           "pytorch_channels_last": torch_channels_last}, repeats, warmup=1)
         lat_u8 = interleaved({"pytorch": lambda: torch_uint8_to_label(u81),
                               "onnxruntime": lambda: ort_uint8_to_label(u81)},
                              small_repeats, warmup=3)
@@ -201,6 +211,8 @@ def main(argv=None):
     rows = [
         ("batch 1 latency (ms)", lat["pytorch"] * 1e3, lat["onnxruntime"] * 1e3, lat_ratio),
         (f"batch {b} throughput (img/s)", img_s["pytorch"], img_s["onnxruntime"], thr_ratio),
+        ("  vs channels-last PyTorch (img/s)", img_s["pytorch_channels_last"],
+         img_s["onnxruntime"], img_s["onnxruntime"] / img_s["pytorch_channels_last"]),
         ("uint8 -> label, batch 1 (ms)", lat_u8["pytorch"] * 1e3, lat_u8["onnxruntime"] * 1e3,
          lat_u8["pytorch"] / lat_u8["onnxruntime"]),
         (f"uint8 -> label, batch {b} (img/s)", img_s_u8["pytorch"], img_s_u8["onnxruntime"],
@@ -210,6 +222,7 @@ def main(argv=None):
     for name, a, c, r in rows:
         log(f"  {name:34s} {a:10.2f} {c:12.2f} {r:7.2f}x")
     gflops = {k: v * flops / 1e9 for k, v in img_s.items()}
+    ratio_cl = img_s["onnxruntime"] / img_s["pytorch_channels_last"]
     log(f"  {flops / 1e9:.3f} GFLOP per image: {gflops['pytorch']:.1f} / "
         f"{gflops['onnxruntime']:.1f} GFLOP/s at batch {b}; float32 GEMM peak here "
         f"{peak:.1f} GFLOP/s")
@@ -241,7 +254,8 @@ def main(argv=None):
         "top1_agree_uint8": agree_u8,
         "batch1_latency_ms": {"pytorch": lat["pytorch"] * 1e3,
                               "onnxruntime": lat["onnxruntime"] * 1e3, "speedup": lat_ratio},
-        f"batch{b}_throughput_img_per_s": dict(img_s, ratio=thr_ratio),
+        f"batch{b}_throughput_img_per_s": dict(img_s, ratio=thr_ratio,
+                                               ratio_vs_channels_last=ratio_cl),
         "uint8_to_label": {
             "batch1_ms": {"pytorch": lat_u8["pytorch"] * 1e3,
                           "onnxruntime": lat_u8["onnxruntime"] * 1e3,

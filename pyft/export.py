@@ -1045,8 +1045,6 @@ class InferenceSession:
         if self.provider == "CUDAExecutionProvider":
             outs = self._run_cuda(feeds)
         else:
-            feeds = {k: (v if isinstance(v, np.ndarray) else v.cpu().numpy())
-                     for k, v in feeds.items()}
             outs = self._session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs))
 
@@ -1077,9 +1075,17 @@ class InferenceSession:
             x = inputs[name]
             shape, onnx_type = self._inputs[name]
             want_dtype = np.dtype(_ORT_DTYPES.get(onnx_type, np.float32))
-            if type(x).__module__.startswith("torch"):
+            is_tensor = type(x).__module__.startswith("torch")
+            if is_tensor and not (x.device.type == "cuda"
+                                  and self.provider == "CUDAExecutionProvider"):
+                if str(x.dtype) == "torch.bfloat16":
+                    raise TypeError(f"input {name!r} must have dtype {want_dtype}; got "
+                                    "torch.bfloat16")
+                x = x.detach().cpu().numpy()  # CUDA tensors stay on the GPU for a CUDA session
+                is_tensor = False
+            if is_tensor:
                 dtype = np.dtype(str(x.dtype).replace("torch.", "")) \
-                    if str(x.dtype) != "torch.bfloat16" else None
+                    if str(x.dtype) in ("torch.float32", "torch.uint8", "torch.int64") else None
             elif isinstance(x, np.ndarray):
                 dtype = x.dtype
             else:
@@ -1193,7 +1199,12 @@ class InferenceSession:
             inputs = _expand_image_paths(inputs)
             n = len(inputs)
         elif isinstance(inputs, np.ndarray) or type(inputs).__module__.startswith("torch"):
-            n = int(inputs.shape[0]) if getattr(inputs, "ndim", 0) >= 1 else 0
+            shape = tuple(inputs.shape)
+            if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+                # checked here: batches would cut one image into slices of rows
+                raise ValueError(f"images of shape {shape} look like one (H, W, C) image, not a "
+                                 f"batch of {shape[0]} grayscale images; pass images[None]")
+            n = int(shape[0]) if shape else 0
         else:
             inputs = [inputs]  # a PIL image
             n = 1

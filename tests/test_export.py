@@ -543,6 +543,12 @@ def test_session_rejects_bad_image_input(lite64_onnx, lite64_u8_onnx):
         sess.predict(np.zeros((2, 2, 64, 64, 2), np.uint8)[..., 0])
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         sess.predict(good, batch_size=0)
+    with pytest.raises(ValueError, match=r"shape \(100, 120, 3\) look like one \(H, W, C\) image"):
+        sess.predict(np.zeros((100, 120, 3), np.uint8))
+    with pytest.raises(TypeError, match="'pixels' must have dtype float32; got float64"):
+        sess.run(torch.zeros(2, 3, 64, 64, dtype=torch.float64))
+    np.testing.assert_array_equal(sess.run(torch.from_numpy(good))["logits"],
+                                  sess.run(good)["logits"])
 
     u8 = InferenceSession(lite64_u8_onnx[0])
     img = np.zeros((2, 64, 64, 3), np.uint8)
