@@ -181,6 +181,13 @@ def main(argv=None):
     n_tr = sum(len(tr) for tr, _ in splits) / K
     n_va = N - n_tr
     f_cv = K * H * (4.0 * n_tr + 2.0 * n_va) * D * C * E
+    # A rate that was achieved is a lower bound on the peak: when other processes depressed the
+    # start-up measurement, use the fastest rate seen instead, so the bounds stay bounds.
+    measured_peak = peak
+    peak = max(peak, f_grid / t_grid / 1e9, f_cv / t_cv / 1e9, f_head / t_single / 1e9)
+    if peak > measured_peak:
+        log(f"peak raised from the measured {measured_peak:.1f} to {peak:.1f} GFLOP/s (a rate "
+            "achieved in this run)")
     roof_grid, roof_cv, roof_single = f_grid / (peak * 1e9), f_cv / (peak * 1e9), f_head / (peak * 1e9)
     # best possible speed-up over the sequential runs (the smaller of the two measurements of
     # them, so that a contended sequential run does not inflate the bound)
@@ -196,7 +203,14 @@ def main(argv=None):
         f"of peak, target <= {CV_TARGET}x -> "
         f"{'reachable' if bound_cv <= CV_TARGET else 'NOT reachable on this machine'}")
 
+    meter = METER.summary()
+    reliable = meter["kept_contended"] == 0
+    if not reliable:
+        log(f"WARNING: {meter['kept_contended']} of {meter['runs']} measurements ran while other "
+            "processes held the CPUs (worst contention "
+            f"{meter['worst_kept_contention']:.2f}); these numbers are not reliable, re-run")
     summary = dict(
+        reliable=reliable, measured_peak_gflops=measured_peak, peak_gflops_used=peak,
         shape=[N, D, C], heads=H, folds=K, epochs=E, batch_size=args.batch_size,
         pyft_threads=_core.num_threads(args.threads), torch_threads=torch.get_num_threads(),
         max_abs_diff_vs_train_head=worst, peaks=peaks,
@@ -214,7 +228,7 @@ def main(argv=None):
                      cv_met=t_cv / t_single <= CV_TARGET,
                      grid_reachable=bound_grid >= GRID_TARGET,
                      cv_reachable=bound_cv <= CV_TARGET),
-        meter=METER.summary(),
+        meter=meter,
     )
     print(json.dumps(summary))
     return 0
