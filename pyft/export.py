@@ -500,7 +500,9 @@ def _export(model: Any, net: Any, path: str, class_names: List[str], sample_inpu
     metadata = {
         "pyft.version": pyft.__version__,
         "pyft.model": json.dumps({"spec": model.spec, "kind": kind, "num_classes": model.num_classes,
-                                  "head": model.head_name, "weights": model.weights_source}),
+                                  "head": model.head_name,
+                                  # a file name, not the exporting machine's folders
+                                  "weights": os.path.basename(str(model.weights_source))}),
         "pyft.class_names": json.dumps(class_names),
         "pyft.input_spec": json.dumps(_input_spec(model, input_shapes, uint8_in, tokenizer_name)),
         "pyft.outputs": json.dumps(output_names),
@@ -535,6 +537,8 @@ def _export(model: Any, net: Any, path: str, class_names: List[str], sample_inpu
                 else:
                     onnx.save_model(proto, final)
                 del proto
+                written = data_name if data_name is not None and \
+                    os.path.exists(os.path.join(final_dir, data_name)) else None  # or all small
                 try:
                     onnx.checker.check_model(final, full_check=True)
                 except Exception as e:
@@ -551,14 +555,14 @@ def _export(model: Any, net: Any, path: str, class_names: List[str], sample_inpu
             if tokenizer_name is not None:
                 tok_dir = os.path.join(final_dir, tokenizer_name)
                 model.preprocessing.tokenizer.save_pretrained(tok_dir)
-            files = _move_into_place(final_dir, folder, base, data_name, tokenizer_name)
+            files = _move_into_place(final_dir, folder, base, written, tokenizer_name)
             return ExportResult(
                 path=path, files=files, exporter=name,
                 exporter_fallback=meta.get("pyft.exporter_fallback"), opset=opset_used,
                 float16=float16, preprocessing_in_graph=uint8_in,
                 inputs=input_shapes,
                 outputs={o: (("batch", model.num_classes), "float32") for o in output_names},
-                external_data=use_external, verification=verification, metadata=meta)
+                external_data=written is not None, verification=verification, metadata=meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     raise _failure(failures, graph, example)
