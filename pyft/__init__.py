@@ -29,6 +29,7 @@ _LAZY = {
     "scratch": "pyft.freezing",
     "advise": "pyft.advice",
     "FineTuner": "pyft.finetune",
+    "fit_grid": "pyft.grid",
     "load_data": "pyft.data",
     "Advice": "pyft.advice",
     "export_onnx": "pyft.export",
