@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-BUNDLED_DATA = ("mnist-5k", "digits")
+BUNDLED_DATA = ("mnist-5k", "digits", "fashion-mnist")
 
 
 def _info() -> Dict[str, Any]:
@@ -48,6 +48,10 @@ def _bundled_images(name: str) -> Tuple[Any, Any]:
     if name == "digits":
         X, y = datasets.load_digits()
         return (X.reshape(-1, 8, 8) * 255).astype(np.uint8), y
+    if name == "fashion-mnist":  # Debian's dataset-fashion-mnist; the demo takes 5,000 of them
+        X, y = datasets.load_fashion_mnist("train")
+        pick = np.random.default_rng(0).permutation(len(y))[:5000]
+        return X[pick], y[pick]
     X, y = datasets.load_mnist_5k()
     return np.asarray(X).reshape(-1, 28, 28).astype(np.uint8), y
 

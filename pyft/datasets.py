@@ -14,7 +14,13 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["load_digits", "load_mnist_5k", "mnist_5k_path", "load_default"]
+__all__ = ["load_digits", "load_mnist_5k", "mnist_5k_path", "load_default",
+           "load_fashion_mnist", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
+
+# Where Debian's dataset-fashion-mnist package puts the IDX files (`dpkg -L dataset-fashion-mnist`).
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
 
 
 def load_digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -71,3 +77,36 @@ def load_default() -> Tuple[str, np.ndarray, np.ndarray]:
     except FileNotFoundError:
         X, y = load_digits()
         return "digits", X, y
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: {data.size} values for shape {tuple(dims)}")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(split: str = "train", root: str = FASHION_MNIST_DIR
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (``apt install
+    dataset-fashion-mnist``): ``X`` uint8 (n, 28, 28), ``y`` int64 (n,), 60,000 train / 10,000 test.
+    Class names are :data:`FASHION_MNIST_CLASSES`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    images = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    labels = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
+    if not (os.path.exists(images) and os.path.exists(labels)):
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed in {root}; install Debian's package with "
+            "'apt install dataset-fashion-mnist'")
+    X, y = _read_idx(images), _read_idx(labels).astype(np.int64)
+    if X.ndim != 3 or len(X) != len(y):
+        raise ValueError(f"unexpected Fashion-MNIST layout: images {X.shape}, labels {y.shape}")
+    return X, y

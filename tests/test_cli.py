@@ -132,3 +132,17 @@ def test_demo_json(tmp_path):
     assert res["advice"]["strategy"] in ("head_only", "freeze_first", "full")
     assert res["onnx"]["agreement"] > 0.99
     assert res["naive_seconds_estimate"] > res["pyft_seconds"]
+
+
+def test_fashion_mnist_from_debian():
+    from pyft import datasets
+
+    if not os.path.exists(datasets.FASHION_MNIST_DIR):
+        with pytest.raises(FileNotFoundError, match="apt install dataset-fashion-mnist"):
+            datasets.load_fashion_mnist()
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    X, y = datasets.load_fashion_mnist("test")
+    assert X.shape == (10000, 28, 28) and X.dtype == np.uint8
+    assert np.bincount(y).tolist() == [1000] * 10
+    with pytest.raises(ValueError, match="split"):
+        datasets.load_fashion_mnist("val")
