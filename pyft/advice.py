@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyft.data import take
+
 __all__ = ["advise", "Advice", "SMALL_PER_CLASS", "SIMILAR_TOLERANCE", "ACCURACY_TOLERANCE"]
 
 SMALL_PER_CLASS = 1000
@@ -140,14 +142,6 @@ def _as_inputs_labels(data: Any, labels: Any) -> Tuple[Any, np.ndarray]:
     return data, y
 
 
-def _take(data: Any, idx: np.ndarray) -> Any:
-    if hasattr(data, "fingerprint_paths"):  # pyft.data.ImageFiles: read only these files
-        return data[np.asarray(idx)]
-    if isinstance(data, (list, tuple)):
-        return [data[i] for i in idx]
-    if isinstance(data, torch.Tensor):
-        return data[torch.as_tensor(idx)]
-    return np.asarray(data)[idx]
 
 
 def _stratified_subsample(y: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -243,7 +237,7 @@ def _trial(model: Any, policy: Any, x_tr: Any, y_tr: np.ndarray, x_va: Any, y_va
         for sl in _batches(n, batch_size):
             idx = order[sl]
             t0 = time.perf_counter()
-            xb = m.preprocess(_take(x_tr, idx))
+            xb = m.preprocess(take(x_tr, idx))
             loss = nn.functional.cross_entropy(m.run(xb), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,7 +256,7 @@ def _trial(model: Any, policy: Any, x_tr: Any, y_tr: np.ndarray, x_va: Any, y_va
     correct = 0
     with torch.inference_mode():
         for sl in _batches(len(y_va), 64):
-            pred = m.run(m.preprocess(_take(x_va, np.arange(len(y_va))[sl]))).argmax(1).numpy()
+            pred = m.run(m.preprocess(take(x_va, np.arange(len(y_va))[sl]))).argmax(1).numpy()
             correct += int((pred == y_va[sl]).sum())
     acc = correct / len(y_va)
     return {"accuracy": acc, "stderr": math.sqrt(max(acc * (1 - acc), 1e-12) / len(y_va)),
@@ -333,7 +327,7 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     rng = np.random.default_rng(seed)
     sub = _stratified_subsample(y_idx, probe_samples, rng)
     y_sub = y_idx[sub]
-    x_sub = _take(data, sub)
+    x_sub = take(data, sub)
     folds_eff = int(min(folds, np.bincount(y_sub).min()))
     if folds_eff < 2:
         raise ValueError("every class needs at least 2 samples in the probe subsample; "
@@ -349,7 +343,7 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     try:
         with torch.inference_mode():
             for sl in _batches(len(sub), 64):
-                outs = work.block_outputs(work.preprocess(_take(x_sub, np.arange(len(sub))[sl])),
+                outs = work.block_outputs(work.preprocess(take(x_sub, np.arange(len(sub))[sl])),
                                           range(nb))
                 for i in range(nb):
                     pooled[i].append(outs[i].float().numpy())
@@ -417,7 +411,7 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     probe_model.freeze("full")
     probe_model.train()
     nb_meas = min(batch_size, len(tr))
-    xb = probe_model.preprocess(_take(x_sub, tr[:nb_meas]))
+    xb = probe_model.preprocess(take(x_sub, tr[:nb_meas]))
     yb = torch.as_tensor(y_sub[tr[:nb_meas]], dtype=torch.long)
     t0 = time.perf_counter()
     nn.functional.cross_entropy(probe_model.run(xb), yb).backward()
@@ -428,7 +422,7 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
 
     if trials:
         y_tr, y_va = y_sub[tr], y_sub[va]
-        x_tr, x_va = _take(x_sub, tr), _take(x_sub, va)
+        x_tr, x_va = take(x_sub, tr), take(x_sub, va)
         for name, policy, share in ((f"freeze_first({k})", ("freeze_first", {"k": k}), 0.4),
                                     ("full", ("full", {}), 0.6)):
             from pyft.freezing import freeze_first, full

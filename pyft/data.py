@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["LabeledData", "ImageFiles", "load_data", "IMAGE_EXTENSIONS"]
+__all__ = ["LabeledData", "ImageFiles", "load_data", "take", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -45,6 +45,20 @@ class ImageFiles(Sequence):
 
     def fingerprint_paths(self) -> List[str]:
         return list(self.paths)
+
+
+def take(inputs: Any, idx: Any) -> Any:
+    """The samples ``idx`` of ``inputs`` (array, tensor, list or :class:`ImageFiles`), in order,
+    without reading or copying the others."""
+    if isinstance(inputs, ImageFiles):
+        return inputs[np.asarray(idx)]
+    if isinstance(inputs, (list, tuple)):
+        return [inputs[int(i)] for i in idx]
+    if type(inputs).__module__.startswith("torch"):
+        import torch
+
+        return inputs[torch.as_tensor(np.asarray(idx))]
+    return inputs[np.asarray(idx)]
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyft.data import LabeledData, load_data
+from pyft.data import LabeledData, load_data, take
 
 __all__ = ["FineTuner", "STRATEGIES"]
 
@@ -43,14 +43,6 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int):
     return np.sort(tr), np.sort(va)
 
 
-def _take(inputs: Any, idx: np.ndarray) -> Any:
-    if hasattr(inputs, "fingerprint_paths"):
-        return inputs[np.asarray(idx)]
-    if isinstance(inputs, (list, tuple)):
-        return [inputs[i] for i in idx]
-    if isinstance(inputs, torch.Tensor):
-        return inputs[torch.as_tensor(idx)]
-    return inputs[idx]
 
 
 class FineTuner:
@@ -317,7 +309,7 @@ class FineTuner:
             y = torch.as_tensor(d.labels)
             for i in range(0, len(order), self.batch_size):
                 idx = order[i:i + self.batch_size]
-                yield to_dev(model.preprocess(_take(d.inputs, idx))), y[idx].to(dev)
+                yield to_dev(model.preprocess(take(d.inputs, idx))), y[idx].to(dev)
 
         def train_batches(epoch: int):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(tr))
@@ -345,7 +337,7 @@ class FineTuner:
         out = []
         with torch.inference_mode():
             for i in range(0, n, self.batch_size):
-                x = m.preprocess(_take(inputs, np.arange(i, min(i + self.batch_size, n))))
+                x = m.preprocess(take(inputs, np.arange(i, min(i + self.batch_size, n))))
                 if isinstance(x, dict):
                     x = {key: v.to(self.device) for key, v in x.items()}
                 else:
