@@ -31,7 +31,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -290,13 +290,20 @@ class FeatureCache:
     def get_or_compute(self, key_parts: Dict[str, Any], n: int, compute: Any, *, labels: Optional[np.ndarray] = None,
                        dtype: str = "float16", batch_size: int = 64, rebuild: bool = False,
                        progress: bool = True, desc: str = "extracting",
-                       meta: Optional[Dict[str, Any]] = None) -> CacheEntry:
+                       meta: Optional[Dict[str, Any]] = None,
+                       dist: Optional[Tuple[int, int, Any]] = None) -> CacheEntry:
         """Return the entry for ``key_parts``, computing it with ``compute(start, stop)`` if needed.
 
         ``compute(start, stop)`` returns the float32 activations of samples ``start:stop`` as an
         array of shape ``(stop - start, *row_shape)``; it is called batch by batch, and not at all
         when a complete entry exists. ``meta`` (a dict the computation may fill) is stored in the
         manifest when the entry is written.
+
+        ``dist=(rank, world_size, barrier)`` splits the work over processes that share the cache
+        folder (e.g. torch.distributed ranks): chunk ``c`` is computed by rank ``c % world_size``
+        into the same file, rank 0 writes the manifest once every chunk is done, and the entry is
+        byte for byte the one a single process writes. Each rank records its finished chunks in
+        its own progress file, so a rerun (with any number of ranks) resumes after a rank died.
         """
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
@@ -315,23 +322,55 @@ class FeatureCache:
         if not os.access(d, os.W_OK):
             raise CacheError(f"the cache folder {d} is not writable; pass another cache directory "
                              "(cache_dir=... or $PYFT_CACHE_DIR)")
+        if dist is not None and int(dist[1]) > 1:
+            rank, world, barrier = int(dist[0]), int(dist[1]), dist[2]
+            if rank == 0 and rebuild:
+                self._remove_entry_files(d)
+            barrier()
+            entry = self.load(key)
+            if entry is not None:
+                return entry
+            return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
+                                 progress and rank == 0, desc, meta, dist=(rank, world, barrier))
         with _file_lock(os.path.join(d, ".lock")):
             if rebuild:
-                for name in ("manifest.json", "features.bin", "features.partial", "progress.json",
-                             "labels.npy"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(d, name))
+                self._remove_entry_files(d)
             entry = self.load(key)
             if entry is not None:
                 return entry
             return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
                                  progress, desc, meta)
 
+    @staticmethod
+    def _remove_entry_files(d: str) -> None:
+        names = ["manifest.json", "features.bin", "features.partial", "progress.json", "labels.npy"]
+        names += [f for f in os.listdir(d) if f.startswith("progress.rank")]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(d, name))
+
+    @staticmethod
+    def _recorded_crcs(d: str, key: str, state: Dict[str, Any]) -> Dict[str, int]:
+        """Finished chunks: those in progress.json and in every rank's progress file."""
+        crcs = dict(state.get("crc32", {}))
+        for f in sorted(os.listdir(d)):
+            if f.startswith("progress.rank") and f.endswith(".json"):
+                try:
+                    with open(os.path.join(d, f)) as fh:
+                        other = json.load(fh)
+                except (OSError, ValueError):
+                    continue
+                if other.get("key") == key and other.get("chunk_rows") == state.get("chunk_rows"):
+                    crcs.update(other.get("crc32", {}))
+        return crcs
+
     def _extract(self, d: str, key: str, parts: Dict[str, Any], n: int, compute: Any,
                  labels: Optional[np.ndarray], dtype: str, batch_size: int, progress: bool,
-                 desc: str, meta: Optional[Dict[str, Any]] = None) -> CacheEntry:
+                 desc: str, meta: Optional[Dict[str, Any]] = None,
+                 dist: Optional[Tuple[int, int, Any]] = None) -> CacheEntry:
         from tqdm.auto import tqdm
 
+        rank, world, barrier = dist if dist is not None else (0, 1, lambda: None)
         np_dtype = np.dtype(_DTYPES[dtype])
         rows = max(batch_size, (self.chunk_size // batch_size) * batch_size)
         n_chunks = (n + rows - 1) // rows
@@ -340,7 +379,7 @@ class FeatureCache:
         done: List[int] = []
         state = None
         first = None  # the first batch, when computed to learn the activation shape
-        if os.path.exists(ppath) and os.path.exists(fpath):
+        if rank == 0 and os.path.exists(ppath) and os.path.exists(fpath):
             try:
                 with open(ppath) as f:
                     state = json.load(f)
@@ -351,7 +390,7 @@ class FeatureCache:
             if state is None or state.get("key") != key or state.get("chunk_rows") != rows \
                     or os.path.getsize(fpath) != nbytes:
                 state = None
-        if state is None:
+        if rank == 0 and state is None:
             first = np.asarray(compute(0, min(batch_size, n)))
             row_shape = tuple(int(s) for s in first.shape[1:])
             nbytes = int(np.prod((n,) + row_shape)) * np_dtype.itemsize
@@ -374,8 +413,21 @@ class FeatureCache:
                 raise CacheError(f"cannot write the cache entry in {d}: {e}") from e
             state = {"key": key, "chunk_rows": rows, "row_shape": list(row_shape), "crc32": {}}
             _atomic_write_json(ppath, state)
+        barrier()  # rank 0 has prepared the file and progress.json
+        if rank != 0:
+            with open(ppath) as f:
+                state = json.load(f)
+            row_shape = tuple(int(x) for x in state["row_shape"])
         shape = (n,) + row_shape
-        crcs: Dict[str, int] = state["crc32"]
+        crcs: Dict[str, int] = self._recorded_crcs(d, key, state)
+        mine = [ci for ci in range(n_chunks) if ci % world == rank]
+        if world > 1:  # this rank's own record; progress.json stays rank 0's setup
+            ppath = os.path.join(d, f"progress.rank{rank}.json")
+            state = {"key": key, "chunk_rows": rows, "row_shape": list(row_shape),
+                     "crc32": {c: v for c, v in crcs.items() if int(c) in mine}}
+            crcs = state["crc32"]
+        else:
+            state["crc32"] = crcs
         mm = np.memmap(fpath, dtype=np_dtype, mode="r+", shape=shape)
         # Chunks recorded as done are checked before they are trusted.
         for c in list(crcs):
@@ -387,7 +439,7 @@ class FeatureCache:
         bar.update(sum(min(rows, n - i * rows) for i in done))
         t0 = time.perf_counter()
         try:
-            for ci in range(n_chunks):
+            for ci in mine:
                 if ci in done:
                     continue
                 lo, hi = ci * rows, min((ci + 1) * rows, n)
@@ -414,6 +466,22 @@ class FeatureCache:
             bar.close()
             del mm
         seconds = time.perf_counter() - t0
+        if world > 1:
+            barrier()  # every rank has finished its chunks
+            if rank != 0:
+                barrier()  # rank 0 writes the manifest
+                entry = self.load(key)
+                if entry is None:
+                    raise CacheError(f"rank 0 did not complete the cache entry in {d}")
+                entry.reused = False
+                return entry
+            with open(os.path.join(d, "progress.json")) as f:
+                crcs = self._recorded_crcs(d, key, json.load(f))
+            missing = [i for i in range(n_chunks) if str(i) not in crcs]
+            if missing:
+                barrier()
+                raise CacheError(f"chunks {missing[:5]} of {d} were not computed by rank(s) "
+                                 f"{sorted({i % world for i in missing})}")
         if labels is not None:
             lab = np.asarray(labels)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=d)
@@ -428,8 +496,12 @@ class FeatureCache:
         }
         os.replace(fpath, os.path.join(d, "features.bin"))
         _atomic_write_json(os.path.join(d, "manifest.json"), man)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ppath)
+        for f in os.listdir(d):
+            if f == "progress.json" or (f.startswith("progress.rank") and f.endswith(".json")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, f))
+        if world > 1:
+            barrier()
         entry = self.load(key)
         if entry is None:  # pragma: no cover - the manifest was just written
             raise CacheError(f"cache entry {d} vanished right after it was written")
@@ -467,6 +539,7 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
                      batch_size: int = 64, channels_last: bool = False, autocast_bf16: bool = False,
                      progress: bool = True, rebuild: bool = False,
                      transform: Any = None, augment_views: Optional[int] = None, seed: int = 0,
+                     distributed: Optional[bool] = None,
                      cache: Optional[FeatureCache] = None) -> CacheEntry:
     """Run the frozen part of ``model`` over ``data`` once and cache the activations.
 
@@ -499,6 +572,12 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
     seed : int
         Seeds the augmentation (each batch of each view gets its own seed, so an interrupted
         extraction resumes bit-identically).
+    distributed : bool, optional
+        Split the extraction over the ranks of the initialised ``torch.distributed`` process group
+        (default: when one is initialised, e.g. under ``torchrun``). Every rank passes the same
+        data and cache folder (a shared file system); each computes a disjoint, deterministic
+        set of chunks, rank 0 writes the manifest after a barrier, and the entry is byte for
+        byte the single-process one. A rerun after a rank died reuses the finished chunks.
 
     Returns
     -------
@@ -615,6 +694,17 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
 
     meta: Dict[str, Any] = {}
 
+    dist_spec = None
+    import torch.distributed as tdist
+
+    if distributed is None:
+        distributed = tdist.is_available() and tdist.is_initialized()
+    if distributed:
+        if not (tdist.is_available() and tdist.is_initialized()):
+            raise RuntimeError("distributed=True needs an initialised torch.distributed process "
+                               "group (torch.distributed.init_process_group, or run under torchrun)")
+        dist_spec = (tdist.get_rank(), tdist.get_world_size(), tdist.barrier)
+
     model.eval()
     try:
         store = cache or FeatureCache(cache_dir)
@@ -622,6 +712,7 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
             lab = np.tile(lab, views)
         return store.get_or_compute(parts, n * views, forward_views, labels=lab, dtype=dtype,
                                     batch_size=batch_size, rebuild=rebuild, progress=progress,
-                                    desc=f"{model.spec} -> {cut_name}", meta=meta)
+                                    desc=f"{model.spec} -> {cut_name}", meta=meta,
+                                    dist=dist_spec)
     finally:
         model.train(was_training)

@@ -1,0 +1,140 @@
+"""Sharded extraction over torch.distributed ranks (gloo, two processes on this machine)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+_WORKER = textwrap.dedent("""
+    import datetime, json, os, sys, time
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    mode, root, marker, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank() if world > 1 else 0
+    if mode == "synthetic":
+        from pyft.cache import FeatureCache
+        src = np.random.default_rng(0).standard_normal((1000, 13)).astype(np.float32)
+        def compute(b, e):
+            with open(marker, "a") as f:
+                f.write(f"{rank} {b}\\n")
+            time.sleep(delay)
+            return src[b:e] * 3.0
+        spec = (rank, world, dist.barrier) if world > 1 else None
+        e = FeatureCache(root, chunk_size=100).get_or_compute(
+            {"t": 1}, 1000, compute, batch_size=50, labels=np.arange(1000) % 4, progress=False,
+            dist=spec)
+    else:
+        import pyft
+        from pyft.cache import extract_features
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        imgs = (d.images[:300] * (255 / 16)).astype(np.uint8)
+        model = pyft.load_model("efficientnet_lite0", 10, image_size=32)
+        e = extract_features(model, imgs, d.target[:300], cache_dir=root, batch_size=25,
+                             progress=False, cache=__import__("pyft.cache").cache.FeatureCache(
+                                 root, chunk_size=50))
+    print(json.dumps({"rank": rank, "key": e.key, "path": e.path}), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, mode, root, marker, world, delay=0.0):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        if world == 1:
+            env.pop("WORLD_SIZE")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), mode, str(root), str(marker), str(delay)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _wait(procs, timeout=300):
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def _bytes(path):
+    with open(os.path.join(path, "features.bin"), "rb") as f:
+        return f.read()
+
+
+def test_sharded_extraction_equals_single_process(tmp_path):
+    single = _wait(_launch(tmp_path, "synthetic", tmp_path / "one", tmp_path / "m1", 1))[0]
+    outs = _wait(_launch(tmp_path, "synthetic", tmp_path / "two", tmp_path / "m2", 2))
+    assert outs[0]["key"] == outs[1]["key"] == single["key"]
+    assert _bytes(outs[0]["path"]) == _bytes(single["path"])
+    with open(os.path.join(outs[0]["path"], "manifest.json")) as f:
+        man = json.load(f)
+    with open(os.path.join(single["path"], "manifest.json")) as f:
+        assert man["chunk_crc32"] == json.load(f)["chunk_crc32"]
+    # Disjoint, deterministic shards: chunk c (100 rows, 2 batches) belongs to rank c % 2.
+    calls = [tuple(map(int, line.split())) for line in (tmp_path / "m2").read_text().splitlines()]
+    assert len(calls) == 20
+    assert all(rank == (start // 100) % 2 for rank, start in calls)
+    assert not [f for f in os.listdir(outs[0]["path"]) if f.startswith("progress")]
+
+
+def test_sharded_real_model_extraction_is_bit_identical(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    single = _wait(_launch(tmp_path, "model", tmp_path / "one", tmp_path / "m1", 1))[0]
+    outs = _wait(_launch(tmp_path, "model", tmp_path / "two", tmp_path / "m2", 2))
+    assert outs[0]["key"] == single["key"]
+    assert _bytes(outs[0]["path"]) == _bytes(single["path"])
+
+
+def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
+    root, marker = tmp_path / "c", tmp_path / "calls"
+    procs = _launch(tmp_path, "synthetic", root, marker, 2, delay=0.05)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if marker.exists() and sum(1 for line in marker.read_text().splitlines()
+                                   if line.startswith("1 ")) >= 3:
+            break
+        time.sleep(0.02)
+    os.kill(procs[1].pid, signal.SIGKILL)  # rank 1 dies half way
+    os.kill(procs[0].pid, signal.SIGKILL)  # rank 0 would wait for it at the barrier
+    for p in procs:
+        p.communicate()
+    entry_dir = next(p for p in root.iterdir() if p.is_dir())
+    assert not (entry_dir / "manifest.json").exists()
+    assert (entry_dir / "progress.rank1.json").exists()
+    before = len(marker.read_text().splitlines())
+    # Rerun on one process: it reuses what both ranks finished.
+    out = _wait(_launch(tmp_path, "synthetic", root, marker, 1))[0]
+    rerun = len(marker.read_text().splitlines()) - before
+    assert rerun < 20
+    ref = _wait(_launch(tmp_path, "synthetic", tmp_path / "ref", tmp_path / "m3", 1))[0]
+    assert _bytes(out["path"]) == _bytes(ref["path"])
