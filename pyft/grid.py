@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -154,6 +154,7 @@ def fit_grid(
     warmup_steps: int = 0,
     select: str = "accuracy",
     n_threads: int = 0,
+    distributed: Optional[bool] = None,
 ) -> GridResult:
     """Train a grid of linear heads, select by validation / k-fold CV, refit the best on all data.
 
@@ -179,6 +180,12 @@ def fit_grid(
         Highest mean validation accuracy (ties: lower mean loss) or lowest mean validation loss.
         Grid points whose validation loss is not finite (diverged) are never selected.
 
+    distributed : bool, optional
+        Split the grid points over the ranks of the initialised ``torch.distributed`` process
+        group (default: when one is initialised, e.g. under ``torchrun``): each rank trains its
+        points (``rank::world_size``) on all the data, the validation table is gathered to every
+        rank, and every rank selects and refits the same best point.
+
     Returns
     -------
     GridResult
@@ -200,14 +207,25 @@ def fit_grid(
                   nesterov=nesterov, schedule=schedule, warmup_steps=warmup_steps, epochs=epochs,
                   batch_size=batch_size, seed=int(seed), n_threads=n_threads)
     init = init_head_params("linear", D, C, seed=int(seed))
+    rank, world = _process_group(distributed)
+    mine = np.arange(rank, lr_grid.size, world)
     acc = np.empty((len(splits), lr_grid.size))
     loss = np.empty((len(splits), lr_grid.size))
     for k, (tr, va) in enumerate(splits):
-        params = np.tile(init, (lr_grid.size, 1))  # a fresh head per grid point and fold
-        res = _core.train_heads(params, X, y, lrs=lr_grid, weight_decays=wd_grid, train_rows=tr,
-                                val_rows=va, **common)
+        if mine.size == 0:
+            continue
+        params = np.tile(init, (mine.size, 1))  # a fresh head per grid point and fold
+        res = _core.train_heads(params, X, y, lrs=lr_grid[mine], weight_decays=wd_grid[mine],
+                                train_rows=tr, val_rows=va, **common)
         last = res["history"][-1]
-        acc[k], loss[k] = last["val_accuracy"], last["val_loss"]
+        acc[k, mine], loss[k, mine] = last["val_accuracy"], last["val_loss"]
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: List[Any] = [None] * world
+        dist.all_gather_object(parts, (mine, acc[:, mine], loss[:, mine]))
+        for idx, a, lo in parts:
+            acc[:, idx], loss[:, idx] = a, lo
     table = {
         "lr": lr_grid, "weight_decay": wd_grid,
         "val_accuracy_mean": acc.mean(axis=0), "val_accuracy_std": acc.std(axis=0),
@@ -231,3 +249,22 @@ def fit_grid(
                       best_lr_=float(lr_grid[best]), best_weight_decay_=float(wd_grid[best]),
                       table_=table, fold_=fold, n_folds_=len(splits), seed_=int(seed),
                       refit_history_=refit["history"])
+
+
+def _process_group(distributed: Optional[bool]) -> Tuple[int, int]:
+    """(rank, world size) of the torch.distributed group to split over; (0, 1) when none."""
+    if distributed is False:
+        return 0, 1
+    import sys
+
+    # A process group can only exist if torch.distributed was imported: never import torch here.
+    dist = sys.modules.get("torch.distributed")
+    if distributed and dist is None:
+        import torch.distributed as dist
+    ready = dist is not None and dist.is_available() and dist.is_initialized()
+    if distributed and not ready:
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group, or run under torchrun)")
+    if not ready:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()

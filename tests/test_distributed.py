@@ -138,3 +138,48 @@ def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
     assert rerun < 20
     ref = _wait(_launch(tmp_path, "synthetic", tmp_path / "ref", tmp_path / "m3", 1))[0]
     assert _bytes(out["path"]) == _bytes(ref["path"])
+
+
+_GRID_WORKER = textwrap.dedent("""
+    import datetime, json, os, sys
+    import numpy as np
+    import torch.distributed as dist
+    from pyft.grid import fit_grid
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 32)).astype(np.float32)
+    W = rng.standard_normal((32, 4))
+    y = (X @ W + 0.5 * rng.standard_normal((3000, 4))).argmax(1)
+    g = fit_grid(X, y, lrs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], weight_decays=[0.0, 1e-3], folds=3,
+                 epochs=3, batch_size=128, n_threads=1)
+    print(json.dumps({"best": g.best_index_, "acc": g.table_["val_accuracy_mean"].tolist(),
+                      "params": g.params_.tolist()}), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+""")
+
+
+def test_grid_split_over_ranks_selects_the_same_head(tmp_path):
+    script = tmp_path / "grid.py"
+    script.write_text(_GRID_WORKER)
+
+    def launch(world):
+        port = _free_port()
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        return _wait(procs)
+
+    one = launch(1)[0]
+    two = launch(2)
+    for out in two:  # every rank ends with the whole table and the same refit head
+        assert out["best"] == one["best"]
+        np_ = pytest.importorskip("numpy")
+        np_.testing.assert_allclose(out["acc"], one["acc"], rtol=0, atol=1e-6)
+        np_.testing.assert_allclose(out["params"], one["params"], rtol=1e-6, atol=1e-7)
