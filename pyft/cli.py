@@ -451,6 +451,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     log = _Printer(args.json)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+            if args.command not in ("extract", "info"):
+                raise RuntimeError(
+                    f"'pyft {args.command}' does not run under torchrun yet; run 'pyft extract' "
+                    "under torchrun (the ranks share the extraction), then this command in one "
+                    "process: it reuses the cache entry")
+            from pyft.distributed import init_from_env, rank_and_world
+
+            init_from_env()
+            if rank_and_world()[0] != 0:
+                log = _Printer(True)
+                args.json = False  # one report, from rank 0
         if args.command == "info":
             out = _info()
             print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))

@@ -183,3 +183,92 @@ def test_grid_split_over_ranks_selects_the_same_head(tmp_path):
         np_ = pytest.importorskip("numpy")
         np_.testing.assert_allclose(out["acc"], one["acc"], rtol=0, atol=1e-6)
         np_.testing.assert_allclose(out["params"], one["params"], rtol=1e-6, atol=1e-7)
+
+
+_DP_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from pyft.distributed import init_from_env, train_head_data_parallel
+
+    init_from_env()
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((1000, 24)).astype(np.float32)
+    y = (X[:, :5] @ rng.standard_normal((5, 5))).argmax(1)
+    p, hist = train_head_data_parallel(X, y, 5, lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                       epochs=3, batch_size=100, seed=3)
+    print(json.dumps({"params": p.tolist(), "loss": [h["train_loss"] for h in hist]}), flush=True)
+""")
+
+
+def test_data_parallel_head_matches_one_process_and_the_native_trainer(tmp_path):
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_WORKER)
+
+    def launch(world):
+        port = _free_port()
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        return _wait(procs)
+
+    import numpy as np_
+
+    one = launch(1)[0]
+    two = launch(2)
+    for out in two:
+        np_.testing.assert_allclose(out["params"], one["params"], rtol=1e-5, atol=1e-6)
+        np_.testing.assert_allclose(out["loss"], one["loss"], rtol=1e-5)
+    # ... and the one-process run is the native trainer's SGD.
+    import pyft
+    from pyft import _core
+
+    rng = np_.random.default_rng(1)
+    X = rng.standard_normal((1000, 24)).astype(np_.float32)
+    y = (X[:, :5] @ rng.standard_normal((5, 5))).argmax(1)
+    p = pyft.init_head_params("linear", 24, 5, seed=3)
+    _core.train_head(p, X, y, num_classes=5, optimizer="sgd", lr=0.05, momentum=0.9,
+                     weight_decay=1e-3, epochs=3, batch_size=100, seed=3)
+    np_.testing.assert_allclose(one["params"], p, rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_env_without_torchrun_is_a_no_op(monkeypatch):
+    from pyft.distributed import init_from_env, rank_and_world
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env() is False
+    assert rank_and_world() == (0, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_from_env()
+
+
+def test_pyft_extract_under_torchrun(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(40):
+        c = tmp_path / "data" / f"c{d.target[i] % 2}"
+        c.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).save(c / f"{i}.png")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "pyft", "extract", str(tmp_path / "data"),
+           "--image-size", "32", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][0])
+    assert res["shape"] == [40, 1280] and not res["reused"]
+    single = subprocess.run([sys.executable, "-m", "pyft", "extract", str(tmp_path / "data"),
+                             "--image-size", "32", "--cache-dir", str(tmp_path / "cache"),
+                             "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr
+    assert json.loads(single.stdout)["reused"]  # the same entry: one key, complete
+    fit = subprocess.run(cmd[:5] + ["-m", "pyft", "fit", str(tmp_path / "data")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert fit.returncode != 0 and "torchrun" in fit.stderr
