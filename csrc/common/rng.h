@@ -58,4 +58,17 @@ inline void epoch_permutation(uint64_t seed, int64_t epoch, int64_t n, int64_t* 
   }
 }
 
+/// The rows a trainer visits in one epoch: the seeded permutation (or 0..n-1 without shuffling),
+/// mapped through `rows` when training on a subset (`rows` null: all rows).
+inline void epoch_rows(bool shuffle, uint64_t seed, int64_t epoch, int64_t n, const int64_t* rows,
+                       int64_t* out) {
+  if (shuffle) {
+    epoch_permutation(seed, epoch, n, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = i;
+  }
+  if (rows)
+    for (int64_t i = 0; i < n; ++i) out[i] = rows[out[i]];
+}
+
 }  // namespace pyft

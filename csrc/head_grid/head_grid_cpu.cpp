@@ -157,13 +157,7 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
 
   for (int64_t epoch = 0; epoch < opt.epochs; ++epoch) {
     const auto t0 = clock::now();
-    if (opt.shuffle) {
-      epoch_permutation(opt.seed, epoch, N, order.data());
-    } else {
-      for (int64_t i = 0; i < N; ++i) order[i] = i;
-    }
-    if (subset.rows)
-      for (int64_t i = 0; i < N; ++i) order[i] = subset.rows[order[i]];
+    epoch_rows(opt.shuffle, opt.seed, epoch, N, subset.rows, order.data());
     std::vector<double> loss_sum(H, 0.0);
     std::vector<int64_t> correct(H, 0);
     int64_t seen = 0;

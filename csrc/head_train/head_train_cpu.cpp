@@ -138,13 +138,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
 
   for (int64_t epoch = 0; epoch < opt.epochs; ++epoch) {
     const auto t0 = clock::now();
-    if (opt.shuffle) {
-      epoch_permutation(opt.seed, epoch, N, order.data());
-    } else {
-      for (int64_t i = 0; i < N; ++i) order[i] = i;
-    }
-    if (subset.rows)
-      for (int64_t i = 0; i < N; ++i) order[i] = subset.rows[order[i]];
+    epoch_rows(opt.shuffle, opt.seed, epoch, N, subset.rows, order.data());
     double loss_sum = 0.0;
     int64_t correct = 0, seen = 0;
     double lr = opt.lr;
