@@ -270,3 +270,12 @@ def torch_train(
             step += 1
         history.append({"train_loss": loss_sum / seen, "lr": last_lr})
     return module_flat(model), history
+
+
+def make_data(n, d, c, seed=0, sep=0.8, dtype=np.float32):
+    """Gaussian blobs: learnable but overlapping, so losses stay informative."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    centers = rng.normal(size=(c, d))
+    X = sep * centers[y] + rng.normal(size=(n, d))
+    return X.astype(dtype), y.astype(np.int64)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -61,20 +62,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, mode, root, marker, world, delay=0.0):
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
+def _start(script, world, *args):
+    """``world`` processes of ``script`` joined by torchrun-style environment variables."""
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        if world == 1:
-            env.pop("WORLD_SIZE")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), mode, str(root), str(marker), str(delay)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
+
+
+def _launch(tmp_path, mode, root, marker, world, delay=0.0):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    return _start(script, world, mode, root, marker, delay)
 
 
 def _wait(procs, timeout=300):
@@ -165,24 +168,12 @@ _GRID_WORKER = textwrap.dedent("""
 def test_grid_split_over_ranks_selects_the_same_head(tmp_path):
     script = tmp_path / "grid.py"
     script.write_text(_GRID_WORKER)
-
-    def launch(world):
-        port = _free_port()
-        procs = []
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        return _wait(procs)
-
-    one = launch(1)[0]
-    two = launch(2)
+    one = _wait(_start(script, 1))[0]
+    two = _wait(_start(script, 2))
     for out in two:  # every rank ends with the whole table and the same refit head
         assert out["best"] == one["best"]
-        np_ = pytest.importorskip("numpy")
-        np_.testing.assert_allclose(out["acc"], one["acc"], rtol=0, atol=1e-6)
-        np_.testing.assert_allclose(out["params"], one["params"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(out["acc"], one["acc"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(out["params"], one["params"], rtol=1e-6, atol=1e-7)
 
 
 _DP_WORKER = textwrap.dedent("""
@@ -203,35 +194,22 @@ _DP_WORKER = textwrap.dedent("""
 def test_data_parallel_head_matches_one_process_and_the_native_trainer(tmp_path):
     script = tmp_path / "dp.py"
     script.write_text(_DP_WORKER)
-
-    def launch(world):
-        port = _free_port()
-        procs = []
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        return _wait(procs)
-
-    import numpy as np_
-
-    one = launch(1)[0]
-    two = launch(2)
+    one = _wait(_start(script, 1))[0]
+    two = _wait(_start(script, 2))
     for out in two:
-        np_.testing.assert_allclose(out["params"], one["params"], rtol=1e-5, atol=1e-6)
-        np_.testing.assert_allclose(out["loss"], one["loss"], rtol=1e-5)
+        np.testing.assert_allclose(out["params"], one["params"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["loss"], one["loss"], rtol=1e-5)
     # ... and the one-process run is the native trainer's SGD.
     import pyft
     from pyft import _core
 
-    rng = np_.random.default_rng(1)
-    X = rng.standard_normal((1000, 24)).astype(np_.float32)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((1000, 24)).astype(np.float32)
     y = (X[:, :5] @ rng.standard_normal((5, 5))).argmax(1)
     p = pyft.init_head_params("linear", 24, 5, seed=3)
     _core.train_head(p, X, y, num_classes=5, optimizer="sgd", lr=0.05, momentum=0.9,
                      weight_decay=1e-3, epochs=3, batch_size=100, seed=3)
-    np_.testing.assert_allclose(one["params"], p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one["params"], p, rtol=1e-4, atol=1e-5)
 
 
 def test_init_from_env_without_torchrun_is_a_no_op(monkeypatch):
