@@ -459,7 +459,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "process: it reuses the cache entry")
             from pyft.distributed import init_from_env, rank_and_world
 
-            init_from_env()
+            if init_from_env():
+                import atexit
+
+                import torch.distributed as dist
+
+                def _leave() -> None:  # gloo aborts a process that exits inside its group
+                    if dist.is_initialized():
+                        dist.barrier()
+                        dist.destroy_process_group()
+
+                atexit.register(_leave)
             if rank_and_world()[0] != 0:
                 log = _Printer(True)
                 args.json = False  # one report, from rank 0

@@ -52,6 +52,7 @@ _WORKER = textwrap.dedent("""
                                  root, chunk_size=50))
     print(json.dumps({"rank": rank, "key": e.key, "path": e.path}), flush=True)
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 """)
 
@@ -161,6 +162,7 @@ _GRID_WORKER = textwrap.dedent("""
     print(json.dumps({"best": g.best_index_, "acc": g.table_["val_accuracy_mean"].tolist(),
                       "params": g.params_.tolist()}), flush=True)
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 """)
 
@@ -179,6 +181,7 @@ def test_grid_split_over_ranks_selects_the_same_head(tmp_path):
 _DP_WORKER = textwrap.dedent("""
     import json, os, sys
     import numpy as np
+    import torch.distributed
     from pyft.distributed import init_from_env, train_head_data_parallel
 
     init_from_env()
@@ -188,6 +191,9 @@ _DP_WORKER = textwrap.dedent("""
     p, hist = train_head_data_parallel(X, y, 5, lr=0.05, momentum=0.9, weight_decay=1e-3,
                                        epochs=3, batch_size=100, seed=3)
     print(json.dumps({"params": p.tolist(), "loss": [h["train_loss"] for h in hist]}), flush=True)
+    if torch.distributed.is_initialized():  # leave the group cleanly: gloo aborts otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 """)
 
 
