@@ -100,14 +100,14 @@ def _stages(model: Any) -> Tuple[List[nn.Module], nn.Module]:
         children = list(net.named_children())
         idx = {name: i for i, (name, _) in enumerate(children)}
         cuts = [idx[b.name] for b in model.blocks]
+        # A stage ends with its block's module, so the prefix's output is the block's tap (what
+        # the cache stores for a cut); parameter-free modules after a block (activation,
+        # flatten) run at the start of the next stage, those after the last block in the tail.
         stages = []
-        for j, start in enumerate(cuts):
-            stop = cuts[j + 1] if j + 1 < len(cuts) else len(children)
-            stages.append(nn.Sequential(*[m for _, m in children[start:stop]]))
-        # modules before the first block (parameter-free) run in the first stage
-        if cuts and cuts[0] > 0:
-            stages[0] = nn.Sequential(*[m for _, m in children[:cuts[0]]], stages[0])
-        return stages, nn.Identity()
+        for j, stop in enumerate(cuts):
+            start = cuts[j - 1] + 1 if j else 0
+            stages.append(nn.Sequential(*[m for _, m in children[start:stop + 1]]))
+        return stages, nn.Sequential(*[m for _, m in children[cuts[-1] + 1:]])
     raise NotImplementedError(
         f"pyft cannot split {model.spec} between blocks: its forward is not a chain pyft knows. "
         "freeze_first trains it end to end with the prefix frozen (no cached prefix)")

@@ -236,3 +236,29 @@ def test_disk_full_leaves_no_entry(tmp_path, digits, model, monkeypatch):
         extract_features(model, digits[0][:8], cache_dir=tmp_path, progress=False)
     assert not list(tmp_path.glob("*/manifest.json"))
     assert not list(tmp_path.glob("*/features.*"))
+
+
+def test_sequential_cut_cache_is_the_split_prefix(tmp_path, digits):
+    """For nn.Sequential networks the cached cut (a block's tap) is exactly what the suffix from
+    split_model takes, with parameter-free modules (ReLU, Flatten) between blocks."""
+    from torch import nn
+
+    from pyft.models import wrap_model
+    from pyft.preprocessing import ImagePreprocessing
+    from pyft.split import split_model
+
+    imgs, y = digits
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    m = wrap_model(net, 10, preprocessing=ImagePreprocessing((8, 8), (0.5,) * 3, (0.25,) * 3))
+    assert m.block_names == ["0", "3"]
+    x = m.preprocess(imgs[:32])
+    with torch.inference_mode():
+        ref = m.run(x)
+        for k in (1, 2):
+            prefix, suffix = split_model(m, k)
+            e = extract_features(m, imgs[:32], y[:32], cut=k, cache_dir=tmp_path,
+                                 dtype="float32", progress=False)
+            np.testing.assert_array_equal(e.features, prefix(x).numpy())
+            torch.testing.assert_close(suffix(torch.from_numpy(np.array(e.features))), ref)
