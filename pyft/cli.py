@@ -151,8 +151,10 @@ def _write_report(folder: str, ft: Any, log: _Printer) -> Dict[str, Any]:
 
 def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     import pyft
+    from pyft.distributed import rank_and_world
 
-    if not args.json:
+    rank = rank_and_world()[0]
+    if not args.json and rank == 0:  # under torchrun, rank 0 reports for all
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = os.path.abspath(args.out)
     if not os.path.isdir(os.path.dirname(out_dir)):
@@ -167,9 +169,12 @@ def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
                         cache_dir=args.cache_dir, advise_budget=args.budget,
                         progress=not args.json)
     ft.fit(d, val)
-    os.makedirs(out_dir, exist_ok=True)
-    model_dir = ft.save(os.path.join(out_dir, "model"))
-    report = _write_report(os.path.join(out_dir, "report"), ft, log)
+    model_dir = os.path.join(out_dir, "model")
+    report: Dict[str, Any] = {}
+    if rank == 0:  # every rank holds the same model; one writes it
+        os.makedirs(out_dir, exist_ok=True)
+        ft.save(model_dir)
+        report = _write_report(os.path.join(out_dir, "report"), ft, log)
     log(f"{ft.strategy_}: validation accuracy {ft.val_metrics_['accuracy']:.4f} "
         f"({ft.fit_seconds_:.1f} s); model in {model_dir}, report in {out_dir}/report")
     return {"model": model_dir, "report": report, "strategy": ft.strategy_, "k": ft.k_,
@@ -452,11 +457,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = _Printer(args.json)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
-            if args.command not in ("extract", "info"):
+            if args.command not in ("extract", "fit", "info"):
                 raise RuntimeError(
-                    f"'pyft {args.command}' does not run under torchrun yet; run 'pyft extract' "
-                    "under torchrun (the ranks share the extraction), then this command in one "
-                    "process: it reuses the cache entry")
+                    f"'pyft {args.command}' runs in one process, not under torchrun (which runs "
+                    "'pyft extract' and 'pyft fit' over its ranks)")
             from pyft.distributed import init_from_env, rank_and_world
 
             if init_from_env():

@@ -14,11 +14,11 @@ No sockets, schedulers or cluster code of pyft's own: everything goes through to
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["init_from_env", "rank_and_world", "train_head_data_parallel"]
+__all__ = ["init_from_env", "rank_and_world", "process_group", "train_head_data_parallel"]
 
 
 def init_from_env(backend: Optional[str] = None) -> bool:
@@ -51,6 +51,95 @@ def rank_and_world() -> Tuple[int, int]:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def process_group(distributed: Optional[bool]) -> Tuple[int, int]:
+    """(rank, world size) to split work over for a ``distributed=`` argument: ``False`` -> (0, 1);
+    ``None`` -> the initialised group if there is one, else (0, 1); ``True`` -> the group, or a
+    RuntimeError when none is initialised."""
+    if distributed is False:
+        return 0, 1
+    import sys
+
+    # A process group can only exist if torch.distributed was imported: never import torch here.
+    dist = sys.modules.get("torch.distributed")
+    if distributed and dist is None:
+        import torch.distributed as dist
+    ready = dist is not None and dist.is_available() and dist.is_initialized()
+    if distributed and not ready:
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group, or run under torchrun)")
+    if not ready:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def on_rank0(fn: Callable[[], Any], what: str, rank: int, world: int) -> Any:
+    """Run ``fn`` on rank 0 only and hand its (picklable) result to every rank.
+
+    Every rank must call it (it is a collective). When ``fn`` raises on rank 0, rank 0 re-raises
+    the exception and the other ranks raise a RuntimeError that names ``what`` and the error,
+    instead of waiting for a result that never comes.
+    """
+    if world <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    payload: List[Any] = [None]
+    error: Optional[BaseException] = None
+    if rank == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # handed to the other ranks, then re-raised here
+            error = e
+            payload = [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed while {what}: {value}")
+    return value
+
+
+def all_reduce_gradients(params: List[Any]) -> None:
+    """Sum the gradients of ``params`` over the ranks, in one flat buffer (a parameter without a
+    gradient on this rank -- e.g. an empty share of a batch -- contributes zeros)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view_as(p).to(p.dtype)
+        off += n
+
+
+def sync_buffers(module: Any) -> None:
+    """Make the buffers of ``module`` (BatchNorm running statistics) equal on every rank: floating
+    buffers are averaged, others (step counters) are rank 0's."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for b in module.buffers():
+        if torch.is_floating_point(b):
+            t = b.detach().double()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            b.data.copy_(t / world)
+        else:
+            dist.broadcast(b.data, src=0)
+
+
+def broadcast_state(module: Any) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    import torch.distributed as dist
+
+    for t in module.state_dict().values():
+        dist.broadcast(t.data, src=0)
 
 
 def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *, lr: float = 0.1,

@@ -8,6 +8,13 @@
 ``scratch``        end to end in PyTorch, re-initialised
 ``auto``           :func:`pyft.advise` measures and chooses (``advice_`` says why)
 =================  ===========================================================================
+
+Under ``torch.distributed`` (e.g. ``torchrun``), every rank calls ``fit`` with the same data and
+settings: rank 0 advises, the extraction is split over the ranks, the head's L-BFGS fit runs on rank
+0, and PyTorch training is data-parallel (each rank takes rows ``rank::world`` of every global
+batch and an all-reduce sums the gradients, so a step is the one-process step on the whole batch;
+trained BatchNorm layers normalise with each rank's share, as under DDP without SyncBatchNorm, and
+their running statistics are averaged every epoch). Every rank ends with the same model.
 """
 
 from __future__ import annotations
@@ -74,6 +81,10 @@ class FineTuner:
     autocast : bool, optional
         bfloat16 autocast for end-to-end training; default on for CUDA, off on CPU (where it
         helps only with AMX/AVX-512 BF16, which these machines lack).
+    distributed : bool, optional
+        Split the work over the initialised ``torch.distributed`` process group (default: when
+        one is initialised, e.g. under ``torchrun``); every rank must then call ``fit``. ``False``
+        fits in this process alone.
     """
 
     def __init__(self, model: Any = "efficientnet_lite0", num_classes: Optional[int] = None,
@@ -83,7 +94,7 @@ class FineTuner:
                  val_fraction: float = 0.1, image_size: Optional[int] = None,
                  cache_dir: Optional[str] = None, advise_budget: Optional[float] = None,
                  autocast: Optional[bool] = None, device: str = "cpu", seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, distributed: Optional[bool] = None) -> None:
         if strategy not in STRATEGIES:
             import difflib
 
@@ -117,14 +128,17 @@ class FineTuner:
         self.device = device
         self.seed = seed
         self.progress = progress
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ fit
     def fit(self, train: Any, val: Any = None, labels: Any = None) -> "FineTuner":
         """Fit on ``train`` (anything :func:`pyft.data.load_data` reads), validating on ``val``
         (or a stratified split of ``train``). Returns self."""
+        from pyft.distributed import on_rank0, process_group
         from pyft.models import FineTunableModel, load_model
 
         t0 = time.perf_counter()
+        self._rank, self._world = process_group(self.distributed)
         data = load_data(train, labels)
         counts = np.bincount(data.labels, minlength=len(data.classes))
         if len(data.classes) < 2:
@@ -162,9 +176,10 @@ class FineTuner:
         if strategy == "auto":
             from pyft.advice import advise
 
-            self.advice_ = advise(model, train_d.inputs, train_d.labels,
-                                  time_budget=self.advise_budget, epochs=self.epochs,
-                                  seed=self.seed)
+            self.advice_ = on_rank0(  # trials are timed: one rank decides for all
+                lambda: advise(model, train_d.inputs, train_d.labels,
+                               time_budget=self.advise_budget, epochs=self.epochs, seed=self.seed),
+                "advising a strategy", self._rank, self._world)
             strategy, k = self.advice_.strategy, self.advice_.k
             _log.info("auto strategy: %s%s -- %s", strategy,
                       f"(k={k})" if k else "", self.advice_.reason)
@@ -183,32 +198,53 @@ class FineTuner:
         self.strategy_ = strategy
         self.k_ = model.block_index(k) if strategy == "freeze_first" else None
         self.fit_seconds_ = time.perf_counter() - t0
-        self.val_metrics_ = self.evaluate(val_d)
+        self.val_metrics_ = self._evaluate_shared(val_d)
         return self
+
+    def _evaluate_shared(self, d: LabeledData) -> Dict[str, Any]:
+        """:meth:`evaluate`, with the rows split over the ranks and the probabilities gathered."""
+        if self._world <= 1:
+            return self.evaluate(d)
+        import torch.distributed as dist
+
+        idx = np.arange(self._rank, len(d), self._world)
+        parts: List[Any] = [None] * self._world
+        dist.all_gather_object(parts, self.predict_proba(take(d.inputs, idx)))
+        p = np.empty((len(d), len(self.classes_)), np.float32)
+        for r, part in enumerate(parts):
+            p[r::self._world] = part
+        return self._metrics(p, d.labels)
 
     def _cache(self, model: Any, d: LabeledData, cut: Any) -> Any:
         from pyft.cache import extract_features
 
         return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
-                                batch_size=self.batch_size, progress=self.progress)
+                                batch_size=self.batch_size, progress=self.progress,
+                                distributed=self._world > 1)
 
     def _fit_head_only(self, model: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.heads import HeadClassifier
 
         model.freeze("head_only")
         e_tr, e_va = self._cache(model, tr, "head"), self._cache(model, va, "head")
-        clf = HeadClassifier(solver="lbfgs", C=1.0, max_iter=500, random_state=self.seed)
-        clf.fit(e_tr.features, e_tr.labels)
-        classes = np.asarray(clf.classes_)
-        W = np.zeros((model.num_classes, clf.coef_.shape[1]), np.float32)
-        b = np.full(model.num_classes, -1e4, np.float32)  # classes absent from training
-        W[classes] = clf.coef_
-        b[classes] = clf.intercept_
+
+        def fit_head():  # seconds on the cache: one rank fits, every rank gets the same head
+            clf = HeadClassifier(solver="lbfgs", C=1.0, max_iter=500, random_state=self.seed)
+            clf.fit(e_tr.features, e_tr.labels)
+            classes = np.asarray(clf.classes_)
+            W = np.zeros((model.num_classes, clf.coef_.shape[1]), np.float32)
+            b = np.full(model.num_classes, -1e4, np.float32)  # classes absent from training
+            W[classes] = clf.coef_
+            b[classes] = clf.intercept_
+            return W, b, int(clf.n_iter_), float(clf.score(e_va.features, e_va.labels))
+
+        from pyft.distributed import on_rank0
+
+        W, b, iters, acc = on_rank0(fit_head, "fitting the head", self._rank, self._world)
         with torch.no_grad():
             model.head.weight.copy_(torch.from_numpy(W))
             model.head.bias.copy_(torch.from_numpy(b))
-        acc = float(clf.score(e_va.features, e_va.labels))
-        self.history_.append({"epoch": 0, "solver": "lbfgs", "iterations": int(clf.n_iter_),
+        self.history_.append({"epoch": 0, "solver": "lbfgs", "iterations": iters,
                               "val_accuracy": acc, "cache_reused": bool(e_tr.reused)})
 
     def _optimizer(self, groups: List[Dict[str, Any]], steps: int) -> Any:
@@ -224,6 +260,17 @@ class FineTuner:
 
     def _train_loop(self, model: Any, groups: List[Dict[str, Any]], forward: Any,
                     train_batches: Any, val_batches: Any, steps_per_epoch: int) -> None:
+        """AdamW with warm-up and cosine decay, early stopping on validation loss.
+
+        ``train_batches(epoch)`` yields ``(x, y, n)``: this rank's rows of a global batch of
+        ``n`` rows; ``val_batches()`` yields this rank's validation rows. With several ranks the
+        summed gradients and the validation sums are all-reduced, so every rank takes the same
+        steps and the same early-stopping decisions.
+        """
+        from pyft import distributed as pdist
+
+        world = self._world
+        params = [p for g in groups for p in g["params"]]
         opt, sched = self._optimizer(groups, steps_per_epoch * self.epochs)
         best, best_state, bad = math.inf, None, 0
         use_autocast = self.autocast if self.autocast is not None else self.device.startswith("cuda")
@@ -231,24 +278,38 @@ class FineTuner:
             t = time.perf_counter()
             model.train()
             tot, n = 0.0, 0
-            for x, y in train_batches(epoch):
-                with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
-                                    enabled=bool(use_autocast)):
-                    loss = nn.functional.cross_entropy(forward(x).float(), y)
+            for x, y, n_batch in train_batches(epoch):
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(y):  # a rank's share of the last batch can be empty
+                    with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                                        enabled=bool(use_autocast)):
+                        out = forward(x).float()
+                    loss = nn.functional.cross_entropy(out, y, reduction="sum")
+                    (loss / n_batch).backward()
+                    tot += float(loss.detach())
+                    n += len(y)
+                if world > 1:
+                    pdist.all_reduce_gradients(params)
                 opt.step()
                 sched.step()
-                tot += float(loss.detach()) * len(y)
-                n += len(y)
+            if world > 1:
+                pdist.sync_buffers(model.net)
             model.eval()
             vl, vc, vn = 0.0, 0, 0
             with torch.inference_mode():
                 for x, y in val_batches():
+                    if not len(y):
+                        continue
                     out = forward(x).float()
                     vl += float(nn.functional.cross_entropy(out, y, reduction="sum"))
                     vc += int((out.argmax(1) == y).sum())
                     vn += len(y)
+            if world > 1:
+                import torch.distributed as dist
+
+                sums = torch.tensor([tot, n, vl, vc, vn], dtype=torch.float64)
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+                tot, n, vl, vc, vn = sums.tolist()
             rec = {"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": vl / max(vn, 1),
                    "val_accuracy": vc / max(vn, 1), "lr": sched.get_last_lr()[0],
                    "seconds": time.perf_counter() - t}
@@ -264,6 +325,8 @@ class FineTuner:
                     break
         if best_state is not None:
             model.net.load_state_dict(best_state)
+        if world > 1:
+            pdist.broadcast_state(model.net)  # identical already; made certain
 
     def _fit_freeze_first(self, model: Any, k: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.split import split_model
@@ -278,14 +341,17 @@ class FineTuner:
             return
         e_tr, e_va = self._cache(model, tr, k), self._cache(model, va, k)
         steps = math.ceil(len(e_tr) / self.batch_size)
+        rank, world = self._rank, self._world
+
+        def train_batches(epoch: int):
+            for x, y in e_tr.batches(self.batch_size, seed=self.seed, epoch=epoch):
+                yield x[rank::world], y[rank::world], len(y)
 
         def val_batches():
             for x, y in e_va.batches(self.batch_size, shuffle=False):
-                yield x.clone(), y
+                yield x[rank::world].clone(), y[rank::world]
 
-        self._train_loop(model, groups, suffix,
-                         lambda epoch: e_tr.batches(self.batch_size, seed=self.seed, epoch=epoch),
-                         val_batches, steps)
+        self._train_loop(model, groups, suffix, train_batches, val_batches, steps)
 
     def _fit_end_to_end(self, model: Any, strategy: str, tr: LabeledData, va: LabeledData) -> None:
         opts: Dict[str, Any] = {}
@@ -299,6 +365,7 @@ class FineTuner:
     def _end_to_end_loop(self, model: Any, groups: List[Dict[str, Any]], tr: LabeledData,
                          va: LabeledData) -> None:
         dev = self.device
+        rank, world = self._rank, self._world
 
         def to_dev(x: Any) -> Any:
             if isinstance(x, dict):
@@ -308,16 +375,21 @@ class FineTuner:
         def batches(d: LabeledData, order: np.ndarray):
             y = torch.as_tensor(d.labels)
             for i in range(0, len(order), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                yield to_dev(model.preprocess(take(d.inputs, idx))), y[idx].to(dev)
+                batch = order[i:i + self.batch_size]
+                idx = batch[rank::world]  # this rank's share; only it is read and preprocessed
+                x = to_dev(model.preprocess(take(d.inputs, idx))) if len(idx) else None
+                yield x, y[idx].to(dev), len(batch)
 
         def train_batches(epoch: int):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(tr))
             return batches(tr, order)
 
+        def val_batches():
+            for x, y, _ in batches(va, np.arange(len(va))):
+                yield x, y
+
         steps = math.ceil(len(tr) / self.batch_size)
-        self._train_loop(model, groups, model.run, train_batches,
-                         lambda: batches(va, np.arange(len(va))), steps)
+        self._train_loop(model, groups, model.run, train_batches, val_batches, steps)
 
     # ------------------------------------------------------------------ use
     def _check_fitted(self) -> None:
@@ -334,7 +406,7 @@ class FineTuner:
         m = self.model_
         m.eval()
         n = len(inputs)
-        out = []
+        out = [np.zeros((0, m.num_classes), np.float32)]
         with torch.inference_mode():
             for i in range(0, n, self.batch_size):
                 x = m.preprocess(take(inputs, np.arange(i, min(i + self.batch_size, n))))
@@ -354,13 +426,15 @@ class FineTuner:
         """Accuracy, mean cross-entropy and the confusion matrix on labelled data."""
         self._check_fitted()
         d = load_data(data, labels, classes=self.classes_)
-        p = self.predict_proba(d.inputs)
+        return self._metrics(self.predict_proba(d.inputs), d.labels)
+
+    def _metrics(self, p: np.ndarray, labels: np.ndarray) -> Dict[str, Any]:
         pred = p.argmax(1)
         n_cls = len(self.classes_)
         cm = np.zeros((n_cls, n_cls), np.int64)
-        np.add.at(cm, (d.labels, pred), 1)
-        loss = float(-np.mean(np.log(np.clip(p[np.arange(len(pred)), d.labels], 1e-12, None))))
-        return {"accuracy": float((pred == d.labels).mean()), "loss": loss, "n": int(len(pred)),
+        np.add.at(cm, (labels, pred), 1)
+        loss = float(-np.mean(np.log(np.clip(p[np.arange(len(pred)), labels], 1e-12, None))))
+        return {"accuracy": float((pred == labels).mean()), "loss": loss, "n": int(len(pred)),
                 "confusion_matrix": cm.tolist(), "classes": list(self.classes_)}
 
     # ------------------------------------------------------------------ persistence
@@ -386,7 +460,8 @@ class FineTuner:
             "history": self.history_, "val_metrics": {k: v for k, v in self.val_metrics_.items()
                                                       if k != "confusion_matrix"},
         }
-        tmp_w, tmp_c = os.path.join(path, ".model.tmp"), os.path.join(path, ".config.tmp")
+        tag = f"{os.getpid()}.tmp"  # processes saving into one folder never share a temp file
+        tmp_w, tmp_c = os.path.join(path, f".model.{tag}"), os.path.join(path, f".config.{tag}")
         save_file(state, tmp_w, metadata={"format": str(SAVE_FORMAT)})
         with open(tmp_c, "w") as f:
             json.dump(config, f, indent=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -207,7 +207,9 @@ def fit_grid(
                   nesterov=nesterov, schedule=schedule, warmup_steps=warmup_steps, epochs=epochs,
                   batch_size=batch_size, seed=int(seed), n_threads=n_threads)
     init = init_head_params("linear", D, C, seed=int(seed))
-    rank, world = _process_group(distributed)
+    from pyft.distributed import process_group
+
+    rank, world = process_group(distributed)
     mine = np.arange(rank, lr_grid.size, world)
     acc = np.empty((len(splits), lr_grid.size))
     loss = np.empty((len(splits), lr_grid.size))
@@ -249,22 +251,3 @@ def fit_grid(
                       best_lr_=float(lr_grid[best]), best_weight_decay_=float(wd_grid[best]),
                       table_=table, fold_=fold, n_folds_=len(splits), seed_=int(seed),
                       refit_history_=refit["history"])
-
-
-def _process_group(distributed: Optional[bool]) -> Tuple[int, int]:
-    """(rank, world size) of the torch.distributed group to split over; (0, 1) when none."""
-    if distributed is False:
-        return 0, 1
-    import sys
-
-    # A process group can only exist if torch.distributed was imported: never import torch here.
-    dist = sys.modules.get("torch.distributed")
-    if distributed and dist is None:
-        import torch.distributed as dist
-    ready = dist is not None and dist.is_available() and dist.is_initialized()
-    if distributed and not ready:
-        raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
-                           "(torch.distributed.init_process_group, or run under torchrun)")
-    if not ready:
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()

@@ -253,6 +253,113 @@ def test_pyft_extract_under_torchrun(tmp_path):
                              "--json"], capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr
     assert json.loads(single.stdout)["reused"]  # the same entry: one key, complete
-    fit = subprocess.run(cmd[:5] + ["-m", "pyft", "fit", str(tmp_path / "data")],
+    adv = subprocess.run(cmd[:5] + ["-m", "pyft", "advise", str(tmp_path / "data")],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert fit.returncode != 0 and "torchrun" in fit.stderr
+    assert adv.returncode != 0 and "runs in one process, not under torchrun" in adv.stderr
+
+
+def _fit_cli(tmp_path, env, torchrun, out, *extra):
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), "-m", "pyft"] if torchrun
+              else [sys.executable, "-m", "pyft"])
+    res = subprocess.run(launch + ["fit", str(tmp_path / "data"), "--image-size", "32",
+                                   "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                                   "--json", *extra],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # one report, from rank 0
+    return json.loads(lines[0])
+
+
+def test_pyft_fit_under_torchrun(tmp_path):
+    """'pyft fit' under torchrun: the ranks share the extraction and the training, rank 0 writes
+    the model; head_only gives the one-process model exactly."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from PIL import Image
+    from safetensors.numpy import load_file
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(60):
+        c = tmp_path / "data" / f"c{d.target[i] % 3}"
+        c.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).save(c / f"{i}.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    two = _fit_cli(tmp_path, env, True, tmp_path / "two", "--strategy", "head_only")
+    one = _fit_cli(tmp_path, env, False, tmp_path / "one", "--strategy", "head_only")
+    assert two["strategy"] == one["strategy"] == "head_only"
+    assert two["val_accuracy"] == one["val_accuracy"]
+    w2 = load_file(os.path.join(two["model"], "model.safetensors"))
+    w1 = load_file(os.path.join(one["model"], "model.safetensors"))
+    assert w2.keys() == w1.keys()
+    for k in w1:
+        np.testing.assert_array_equal(w2[k], w1[k], err_msg=k)
+    assert sorted(os.listdir(two["model"])) == ["config.json", "model.safetensors"]
+    # freeze_first trains the unfrozen blocks data-parallel on the cached prefix (BatchNorm in
+    # train mode normalises per rank, so it is not compared with one process bit for bit).
+    ff = _fit_cli(tmp_path, env, True, tmp_path / "ff", "--strategy", "freeze_first", "--k",
+                  "14", "--epochs", "2")
+    assert ff["strategy"] == "freeze_first" and ff["k"] == 14
+    with open(os.path.join(ff["model"], "config.json")) as f:
+        assert len(json.load(f)["history"]) == 2
+
+
+_FIT_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import torch
+    from torch import nn
+    import pyft
+    from pyft.distributed import init_from_env
+    from pyft.models import wrap_model
+    from pyft.preprocessing import ImagePreprocessing
+    from sklearn.datasets import load_digits
+
+    strategy, root = sys.argv[1], sys.argv[2]
+    init_from_env()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # No BatchNorm or dropout: a data-parallel step is then exactly the one-process step.
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(512, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = wrap_model(net, 10, preprocessing=ImagePreprocessing((16, 16), (0.5,) * 3, (0.25,) * 3))
+    d = load_digits()
+    X = (d.images[:303] * (255 / 16)).astype(np.uint8)
+    ft = pyft.FineTuner(model, strategy=strategy, k=1, epochs=4, batch_size=49, lr=1e-2,
+                        patience=0, cache_dir=root, progress=False)
+    ft.fit(X, labels=d.target[:303])
+    params = torch.cat([p.detach().reshape(-1) for p in ft.model_.net.parameters()])
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out = os.path.join(os.path.dirname(root), f"params-{os.path.basename(root)}-{rank}.npy")
+    np.save(out, params.numpy())
+    print(json.dumps({"params": out, "history": ft.history_,
+                      "val": ft.val_metrics_["accuracy"], "n_val": ft.val_metrics_["n"]}),
+          flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("strategy", ["freeze_first", "full"])
+def test_data_parallel_fine_tuning_matches_one_process(tmp_path, strategy):
+    """FineTuner under 2 ranks (cache + suffix for freeze_first, end to end for full) takes the
+    steps of one process with the same global batch: same weights, losses and validation."""
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT_WORKER)
+    one = _wait(_start(script, 1, strategy, tmp_path / "c1"))[0]
+    two = _wait(_start(script, 2, strategy, tmp_path / "c2"))
+    for out in [one] + two:
+        out["params"] = np.load(out["params"])
+    np.testing.assert_array_equal(two[0]["params"], two[1]["params"])  # ranks agree exactly
+    for out in two:
+        np.testing.assert_allclose(out["params"], one["params"], rtol=1e-4, atol=2e-5)
+        assert len(out["history"]) == len(one["history"]) == 4
+        for h2, h1 in zip(out["history"], one["history"]):
+            assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
+            assert h2["val_loss"] == pytest.approx(h1["val_loss"], rel=1e-4)
+            assert h2["val_accuracy"] == h1["val_accuracy"]
+        assert out["val"] == one["val"] and out["n_val"] == one["n_val"] == 30
+    assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"]
+    assert one["val"] > 0.5  # it learns: 10 classes, chance is 0.1
