@@ -7,6 +7,9 @@
 - One large head: :func:`train_head_data_parallel` -- each rank computes the gradient of its share
   of every global batch and an all-reduce sums them, so the result is the one-process run with
   the same global batch (up to float summation order).
+- :class:`pyft.FineTuner` (and ``pyft fit``): rank 0 advises and fits the L-BFGS head
+  (:func:`on_rank0`), PyTorch training is data-parallel (:func:`all_reduce_gradients`,
+  :func:`sync_buffers`).
 
 No sockets, schedulers or cluster code of pyft's own: everything goes through torch.distributed.
 """
@@ -18,12 +21,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["init_from_env", "rank_and_world", "process_group", "train_head_data_parallel"]
+__all__ = ["init_from_env", "rank_and_world", "process_group", "on_rank0", "all_reduce_gradients",
+           "sync_buffers", "broadcast_state", "train_head_data_parallel"]
 
 
 def init_from_env(backend: Optional[str] = None) -> bool:
     """Initialise torch.distributed from torchrun's variables (``WORLD_SIZE`` > 1, ``RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) unless a group exists. Returns whether one is active."""
+    ``MASTER_ADDR``, ``MASTER_PORT``) unless a group exists. Returns whether one is active.
+
+    The default backend is gloo, and ``"cpu:gloo,cuda:nccl"`` (with the CUDA device set from
+    ``LOCAL_RANK``) where CUDA is available."""
     import torch
     import torch.distributed as dist
 
@@ -38,7 +45,12 @@ def init_from_env(backend: Optional[str] = None) -> bool:
         raise RuntimeError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {missing} are not set; "
                            "launch with torchrun --nproc-per-node N")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # pyft's own collectives (gradients of CPU-trained heads, validation sums, objects) are
+        # on CPU tensors: gloo carries those, NCCL the CUDA tensors of a GPU run.
+        backend = "gloo"
+        if torch.cuda.is_available():
+            backend = "cpu:gloo,cuda:nccl"
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
 
@@ -142,68 +154,134 @@ def broadcast_state(module: Any) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *, lr: float = 0.1,
-                             momentum: float = 0.9, weight_decay: float = 0.0, epochs: int = 10,
-                             batch_size: int = 256, seed: int = 0,
-                             params: Optional[np.ndarray] = None
+def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
+                             head: str = "linear", hidden_size: int = 0,
+                             activation: str = "relu", optimizer: str = "sgd", lr: float = 0.1,
+                             momentum: float = 0.9, nesterov: bool = False,
+                             weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                             eps: float = 1e-8, schedule: str = "constant", warmup_steps: int = 0,
+                             min_lr_ratio: float = 0.0, epochs: int = 10, batch_size: int = 256,
+                             seed: int = 0, params: Optional[np.ndarray] = None,
+                             n_threads: int = 0
                              ) -> Tuple[np.ndarray, List[Dict[str, float]]]:
-    """Train one linear head with SGD, data-parallel over the process group's ranks.
+    """Train one head (linear or MLP), data-parallel over the process group's ranks.
 
-    Every rank holds the same ``features`` (e.g. the cache entry's memmap) and walks the same
-    global batches (``pyft._core.epoch_permutation``); rank ``r`` computes the summed loss
-    gradient of rows ``r::world`` of each batch, an all-reduce adds the ranks' gradients, and each
-    rank applies the same step. Without a group it is the one-process run. The semantics are the
-    native trainer's SGD (momentum, L2 weight decay on the weights only, mean loss over the
-    global batch).
+    Every rank holds the same ``features`` (e.g. the cache entry's float16 memmap) and walks the
+    same global batches (``pyft._core.epoch_permutation``). Rank ``r`` gathers rows ``r::world`` of
+    each batch with the native gatherer and computes their summed loss gradient with the native
+    kernel (``pyft._core.objective``); an all-reduce adds the ranks' gradients and every rank
+    applies the same optimizer step. The update is the native trainer's
+    (:func:`pyft._core.train_head`: SGD with momentum / Nesterov or AdamW, weight decay on the
+    weights only, ``constant`` / ``cosine`` / ``step`` schedule with warm-up, mean loss over the
+    global batch), so the result equals one process -- and ``train_head`` -- with the same global
+    batch up to float summation order. Without a group it is the one-process run.
 
     Returns
     -------
-    params : ndarray (C*D + C,), float32
-        ``W (C x D) | b (C)``, as :func:`pyft.init_head_params` lays it out.
+    params : ndarray, float32
+        The flat head, laid out as :func:`pyft.init_head_params` lays it out.
     history : list of dict
-        Per-epoch mean training loss.
+        Per-epoch mean training loss and learning rate.
     """
     import torch
-    import torch.distributed as dist
 
     from pyft import _core
-    from pyft.heads import init_head_params
+    from pyft._arrays import as_feature_array
+    from pyft.heads import _check_choice, _check_number, init_head_params
 
-    X = features
-    y = np.asarray(labels, dtype=np.int64)
+    _check_choice("head", head, ("linear", "mlp"))
+    _check_choice("optimizer", optimizer, ("sgd", "adamw"))
+    _check_choice("schedule", schedule, ("constant", "cosine", "step"))
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        _check_number(name, v, low=1, integer=True)
+    _check_number("lr", lr, low=0, low_open=True)
+    _check_number("weight_decay", weight_decay, low=0)
+    _check_number("momentum", momentum, low=0, high=1)
+    if head == "mlp":
+        _check_number("hidden_size", hidden_size, low=1, integer=True)
+    X, bf16 = as_feature_array(features)
+    y = np.asarray(labels)
     n, d = X.shape
-    if len(y) != n:
-        raise ValueError(f"labels must have {n} entries to match features; got {len(y)}")
-    if y.min() < 0 or y.max() >= num_classes:
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"labels must be 1-D with {n} entries to match features; got shape "
+                         f"{y.shape}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers in [0, {num_classes}); got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if n and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}); got values in [{y.min()}, {y.max()}]")
     rank, world = rank_and_world()
-    p = init_head_params("linear", d, num_classes, seed=seed) if params is None else \
-        np.array(params, dtype=np.float32)
-    W = torch.nn.Parameter(torch.from_numpy(p[: num_classes * d].reshape(num_classes, d).copy()))
-    b = torch.nn.Parameter(torch.from_numpy(p[num_classes * d:].copy()))
-    opt = torch.optim.SGD([{"params": [W], "weight_decay": weight_decay},
-                           {"params": [b], "weight_decay": 0.0}], lr=lr, momentum=momentum)
-    yt = torch.from_numpy(y)
+    C, H = int(num_classes), int(hidden_size)
+    p = init_head_params(head, d, C, H, seed=seed) if params is None else \
+        np.array(params, dtype=np.float32).ravel()
+    n_params = C * d + C if head == "linear" else H * d + H + C * H + C
+    if p.size != n_params:
+        raise ValueError(f"params must hold {n_params} values for a {head} head on {d} features "
+                         f"and {C} classes; got {p.size}")
+    decay = np.zeros(n_params, np.float32)  # weight decay on the weight matrices only
+    if head == "linear":
+        decay[:C * d] = 1.0
+    else:
+        decay[:H * d] = 1.0
+        decay[H * d + H:H * d + H + C * H] = 1.0
+    m_buf = np.zeros_like(p)
+    v_buf = np.zeros_like(p) if optimizer == "adamw" else None
+    opts = dict(head=head, num_classes=C, hidden_size=H, activation=activation,
+                n_threads=n_threads)
+    steps_per_epoch = -(-n // batch_size)
+    total = steps_per_epoch * epochs
+    buf = np.empty((min(batch_size, n), d), np.float32)
+    grad = torch.zeros(n_params + 1, dtype=torch.float32)  # | this rank's loss sum
     history = []
+    step = 0
     for epoch in range(epochs):
         order = np.asarray(_core.epoch_permutation(n, seed, epoch))
-        total = 0.0
+        total_loss = 0.0
         for start in range(0, n, batch_size):
             batch = order[start:start + batch_size]
             mine = np.sort(batch[rank::world])
-            xb = torch.from_numpy(np.asarray(X[mine], dtype=np.float32))
-            loss = torch.nn.functional.cross_entropy(xb @ W.T + b, yt[mine], reduction="sum")
-            opt.zero_grad(set_to_none=False)
-            (loss / len(batch)).backward()
-            if world > 1:
-                for t in (W.grad, b.grad):
-                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                red = torch.tensor([float(loss)])
-                dist.all_reduce(red, op=dist.ReduceOp.SUM)
-                total += float(red)
-            else:
-                total += float(loss.detach())
-            opt.step()
-        history.append({"epoch": epoch, "train_loss": total / n})
-    out = np.concatenate([W.detach().numpy().ravel(), b.detach().numpy()]).astype(np.float32)
-    return out, history
+            grad.zero_()
+            if len(mine):
+                xb = _core.gather_rows(X, mine, out=buf[:len(mine)], n_threads=n_threads,
+                                       bfloat16=bf16)
+                f, g = _core.objective(p, xb, y[mine], **opts)
+                grad[:n_params] = torch.from_numpy(g)
+                grad[:n_params] *= len(mine)  # the gradient of the summed loss of these rows
+                grad[n_params] = f * len(mine)
+            if world > 1:  # one float32 all-reduce of C x d (+ C) values per step
+                import torch.distributed as dist
+
+                dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            g_mean = (grad[:n_params] / len(batch)).numpy()
+            loss_sum = float(grad[n_params])
+            lr_t = lr * _core.lr_factor(schedule, step, total, steps_per_epoch,
+                                        warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+            step += 1
+            _update(p, g_mean, decay, m_buf, v_buf, step, optimizer, np.float32(lr_t),
+                    weight_decay, momentum, nesterov, beta1, beta2, eps)
+            total_loss += loss_sum
+        history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "lr": lr_t})
+    return p, history
+
+
+def _update(p: np.ndarray, g: np.ndarray, decay: np.ndarray, m: np.ndarray,
+            v: Optional[np.ndarray], t: int, optimizer: str, lr: np.float32, wd: float,
+            momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float) -> None:
+    """One optimizer step in float32, in the native trainer's operation order (csrc/common/optim.cpp)."""
+    f32 = np.float32
+    wd_v = decay * f32(wd)
+    if optimizer == "sgd":
+        d = g + wd_v * p
+        if momentum:
+            b = d if t == 1 else f32(momentum) * m + d
+            m[:] = b
+            d = d + f32(momentum) * b if nesterov else b
+        p -= lr * d
+        return
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    p *= f32(1.0) - lr * wd_v
+    m += f32(1.0 - beta1) * (g - m)
+    v[:] = v * f32(beta2) + f32(1.0 - beta2) * g * g
+    denom = np.sqrt(v) / f32(np.sqrt(bc2)) + f32(eps)
+    p += -f32(lr / bc1) * (m / denom)

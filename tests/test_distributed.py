@@ -178,19 +178,38 @@ def test_grid_split_over_ranks_selects_the_same_head(tmp_path):
         np.testing.assert_allclose(out["params"], one["params"], rtol=1e-6, atol=1e-7)
 
 
+_DP_CONFIGS = {
+    "sgd": dict(lr=0.05, momentum=0.9, weight_decay=1e-3, epochs=3, batch_size=100, seed=3),
+    "nesterov_cosine": dict(lr=0.05, momentum=0.9, nesterov=True, schedule="cosine",
+                            warmup_steps=4, epochs=3, batch_size=96, seed=1),
+    "adamw_mlp": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-2, head="mlp", hidden_size=16,
+                      epochs=3, batch_size=128, seed=2),
+}
+
 _DP_WORKER = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     import torch.distributed
     from pyft.distributed import init_from_env, train_head_data_parallel
 
+    configs, out_dir = json.loads(sys.argv[1]), sys.argv[2]
     init_from_env()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng = np.random.default_rng(1)
     X = rng.standard_normal((1000, 24)).astype(np.float32)
     y = (X[:, :5] @ rng.standard_normal((5, 5))).argmax(1)
-    p, hist = train_head_data_parallel(X, y, 5, lr=0.05, momentum=0.9, weight_decay=1e-3,
-                                       epochs=3, batch_size=100, seed=3)
-    print(json.dumps({"params": p.tolist(), "loss": [h["train_loss"] for h in hist]}), flush=True)
+    # The features as a cache entry holds them: a float16 memmap on disk.
+    path = os.path.join(out_dir, f"x{rank}.f16")
+    mm = np.memmap(path, np.float16, "w+", shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    mm = np.memmap(path, np.float16, "r", shape=X.shape)
+    out = {}
+    for name, cfg in configs.items():
+        p, hist = train_head_data_parallel(mm, y, 5, **cfg)
+        np.save(os.path.join(out_dir, f"{name}-{rank}.npy"), p)
+        out[name] = [h["train_loss"] for h in hist]
+    print(json.dumps(out), flush=True)
     if torch.distributed.is_initialized():  # leave the group cleanly: gloo aborts otherwise
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -200,22 +219,87 @@ _DP_WORKER = textwrap.dedent("""
 def test_data_parallel_head_matches_one_process_and_the_native_trainer(tmp_path):
     script = tmp_path / "dp.py"
     script.write_text(_DP_WORKER)
-    one = _wait(_start(script, 1))[0]
-    two = _wait(_start(script, 2))
-    for out in two:
-        np.testing.assert_allclose(out["params"], one["params"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(out["loss"], one["loss"], rtol=1e-5)
-    # ... and the one-process run is the native trainer's SGD.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = _wait(_start(script, 1, json.dumps(_DP_CONFIGS), tmp_path / "one"))[0]
+    two = _wait(_start(script, 2, json.dumps(_DP_CONFIGS), tmp_path / "two"))
     import pyft
     from pyft import _core
 
     rng = np.random.default_rng(1)
     X = rng.standard_normal((1000, 24)).astype(np.float32)
     y = (X[:, :5] @ rng.standard_normal((5, 5))).argmax(1)
-    p = pyft.init_head_params("linear", 24, 5, seed=3)
-    _core.train_head(p, X, y, num_classes=5, optimizer="sgd", lr=0.05, momentum=0.9,
-                     weight_decay=1e-3, epochs=3, batch_size=100, seed=3)
-    np.testing.assert_allclose(one["params"], p, rtol=1e-4, atol=1e-5)
+    X16 = X.astype(np.float16)
+    for name, cfg in _DP_CONFIGS.items():
+        p1 = np.load(tmp_path / "one" / f"{name}-0.npy")
+        p2 = [np.load(tmp_path / "two" / f"{name}-{r}.npy") for r in range(2)]
+        np.testing.assert_array_equal(p2[0], p2[1])  # the ranks hold one head
+        np.testing.assert_allclose(p2[0], p1, rtol=1e-4, atol=1e-5, err_msg=name)
+        for out in two:
+            np.testing.assert_allclose(out[name], one[name], rtol=1e-5, err_msg=name)
+        # ... and the one-process run is the native fused trainer with the same settings.
+        cfg = dict(cfg)
+        head, hidden = cfg.pop("head", "linear"), cfg.pop("hidden_size", 0)
+        cfg.setdefault("optimizer", "sgd")
+        p = pyft.init_head_params(head, 24, 5, hidden, seed=cfg["seed"])
+        res = _core.train_head(p, X16, y, num_classes=5, head=head, hidden_size=hidden, **cfg)
+        np.testing.assert_allclose(p1, p, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(one[name], [h["train_loss"] for h in res["history"]],
+                                   rtol=1e-4, err_msg=name)
+
+
+def test_data_parallel_head_rejects_bad_input():
+    from pyft.distributed import train_head_data_parallel
+
+    X = np.zeros((10, 3), np.float32)
+    y = np.arange(10) % 2
+    with pytest.raises(ValueError, match="optimizer"):
+        train_head_data_parallel(X, y, 2, optimizer="lamb")
+    with pytest.raises(ValueError, match="labels must be in"):
+        train_head_data_parallel(X, y + 5, 2)
+    with pytest.raises(ValueError, match="10 entries"):
+        train_head_data_parallel(X, y[:4], 2)
+    with pytest.raises(ValueError, match="params must hold 8"):
+        train_head_data_parallel(X, y, 2, params=np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="hidden_size"):
+        train_head_data_parallel(X, y, 2, head="mlp")
+    with pytest.raises(ValueError, match="features must be a 2-D"):
+        train_head_data_parallel(X.ravel(), y, 2)
+
+
+_RANK0_WORKER = textwrap.dedent("""
+    import json
+    import torch.distributed as dist
+    from pyft.distributed import init_from_env, on_rank0, rank_and_world
+
+    init_from_env()
+    rank, world = rank_and_world()
+    ok = on_rank0(lambda: {"value": 41 + 1}, "computing", rank, world)
+
+    def broken():
+        raise ValueError("no such file: data.csv")
+
+    try:
+        on_rank0(broken, "advising a strategy", rank, world)
+        err = None
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    print(json.dumps({"rank": rank, "ok": ok, "error": err}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_a_failure_on_rank0_reaches_every_rank(tmp_path):
+    """What rank 0 decides alone (advice, the L-BFGS head) reaches the others, and so does its
+    failure: they raise at once instead of waiting for a result until the group times out."""
+    script = tmp_path / "rank0.py"
+    script.write_text(_RANK0_WORKER)
+    outs = _wait(_start(script, 2))
+    assert [o["ok"] for o in outs] == [{"value": 42}] * 2
+    assert outs[0]["error"] == "ValueError: no such file: data.csv"
+    assert outs[1]["error"] == ("RuntimeError: rank 0 failed while advising a strategy: "
+                                "ValueError: no such file: data.csv")
 
 
 def test_init_from_env_without_torchrun_is_a_no_op(monkeypatch):
