@@ -415,8 +415,14 @@ class FeatureCache:
             _atomic_write_json(ppath, state)
         barrier()  # rank 0 has prepared the file and progress.json
         if rank != 0:
-            with open(ppath) as f:
-                state = json.load(f)
+            try:
+                with open(ppath) as f:
+                    state = json.load(f)
+            except FileNotFoundError:
+                raise CacheError(
+                    f"rank {rank} cannot see the cache entry rank 0 prepared in {d}: the cache "
+                    "folder must be on a file system every rank shares (NFS, Lustre, ...); pass "
+                    "such a cache_dir on every rank") from None
             row_shape = tuple(int(x) for x in state["row_shape"])
         shape = (n,) + row_shape
         crcs: Dict[str, int] = self._recorded_crcs(d, key, state)
@@ -574,7 +580,8 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         extraction resumes bit-identically).
     distributed : bool, optional
         Split the extraction over the ranks of the initialised ``torch.distributed`` process group
-        (default: when one is initialised, e.g. under ``torchrun``). Every rank passes the same
+        (default: when one is initialised, or initialise it from ``torchrun``'s environment; see
+        :func:`pyft.distributed.process_group`). Every rank passes the same
         data and cache folder (a shared file system); each computes a disjoint, deterministic
         set of chunks, rank 0 writes the manifest after a barrier, and the entry is byte for
         byte the single-process one. A rerun after a rank died reuses the finished chunks.
@@ -694,16 +701,16 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
 
     meta: Dict[str, Any] = {}
 
-    dist_spec = None
-    import torch.distributed as tdist
+    from pyft.distributed import check_same_on_all_ranks, process_group
 
-    if distributed is None:
-        distributed = tdist.is_available() and tdist.is_initialized()
-    if distributed:
-        if not (tdist.is_available() and tdist.is_initialized()):
-            raise RuntimeError("distributed=True needs an initialised torch.distributed process "
-                               "group (torch.distributed.init_process_group, or run under torchrun)")
-        dist_spec = (tdist.get_rank(), tdist.get_world_size(), tdist.barrier)
+    dist_spec = None
+    rank, world = process_group(distributed)
+    if world > 1:
+        import torch.distributed as tdist
+
+        dist_spec = (rank, world, tdist.barrier)
+        # One entry for all ranks: the key parts (weights, data, cut, options) must agree.
+        check_same_on_all_ranks(parts, "the cache entry")
 
     model.eval()
     try:

@@ -66,18 +66,24 @@ def rank_and_world() -> Tuple[int, int]:
 
 
 def process_group(distributed: Optional[bool]) -> Tuple[int, int]:
-    """(rank, world size) to split work over for a ``distributed=`` argument: ``False`` -> (0, 1);
-    ``None`` -> the initialised group if there is one, else (0, 1); ``True`` -> the group, or a
-    RuntimeError when none is initialised."""
+    """(rank, world size) to split work over for a ``distributed=`` argument.
+
+    ``False``: (0, 1), this process alone. ``None`` (the default of pyft's functions) and
+    ``True``: the initialised default group; without one, a group is initialised from torchrun's
+    environment (:func:`init_from_env`) when it describes several processes. ``None`` then falls
+    back to (0, 1); ``True`` raises a RuntimeError.
+    """
     if distributed is False:
         return 0, 1
     import sys
 
-    # A process group can only exist if torch.distributed was imported: never import torch here.
+    # A process group can only exist if torch.distributed was imported, or under torchrun:
+    # otherwise torch is not imported here (fit_grid runs without it).
     dist = sys.modules.get("torch.distributed")
-    if distributed and dist is None:
-        import torch.distributed as dist
     ready = dist is not None and dist.is_available() and dist.is_initialized()
+    if not ready and int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+        ready = init_from_env()
+        import torch.distributed as dist
     if distributed and not ready:
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group, or run under torchrun)")
@@ -112,6 +118,24 @@ def on_rank0(fn: Callable[[], Any], what: str, rank: int, world: int) -> Any:
             raise error
         raise RuntimeError(f"rank 0 failed while {what}: {value}")
     return value
+
+
+def check_same_on_all_ranks(parts: Dict[str, Any], what: str) -> None:
+    """Raise the same ValueError on every rank when ``parts`` (a dict of picklable values: data
+    fingerprints, settings, weight hashes) differs between ranks; names the differing entries
+    and ranks. A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    every: List[Any] = [None] * world
+    dist.all_gather_object(every, parts)
+    differ = sorted({name for p in every for name in set(p) | set(every[0])
+                     if p.get(name) != every[0].get(name)})
+    if differ:
+        bad = [r for r, p in enumerate(every) if p != every[0]]
+        raise ValueError(f"the ranks disagree on the {', '.join(differ)} of {what}: rank(s) {bad} "
+                         "differ from rank 0. Every rank must pass the same model weights, data "
+                         "and options")
 
 
 def all_reduce_gradients(params: List[Any]) -> None:

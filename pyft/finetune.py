@@ -83,8 +83,8 @@ class FineTuner:
         helps only with AMX/AVX-512 BF16, which these machines lack).
     distributed : bool, optional
         Split the work over the initialised ``torch.distributed`` process group (default: when
-        one is initialised, e.g. under ``torchrun``); every rank must then call ``fit``. ``False``
-        fits in this process alone.
+        one is initialised, or initialise it from ``torchrun``'s environment); every rank must
+        then call ``fit``. ``False`` fits in this process alone.
     """
 
     def __init__(self, model: Any = "efficientnet_lite0", num_classes: Optional[int] = None,
@@ -171,6 +171,17 @@ class FineTuner:
             raise TypeError(f"{model.spec} is a {model.kind} model but the data holds "
                             f"{data.kind}s")
         model.to(self.device)
+        if self._world > 1:  # the ranks split one run: they must hold the same one
+            from pyft.cache import data_fingerprint
+            from pyft.distributed import check_same_on_all_ranks
+
+            settings = {k_: v for k_, v in vars(self).items() if not k_.startswith("_")
+                        and not k_.endswith("_") and k_ not in ("model", "progress")}
+            check_same_on_all_ranks({
+                "training data": [data_fingerprint(train_d.inputs), train_d.labels.tolist()],
+                "validation data": [data_fingerprint(val_d.inputs), val_d.labels.tolist()],
+                "classes": list(data.classes), "model weights": model.weights_hash(),
+                "settings": repr(sorted(settings.items()))}, "FineTuner.fit")
         strategy, k = self.strategy, self.k
         self.advice_ = None
         if strategy == "auto":

@@ -182,7 +182,8 @@ def fit_grid(
 
     distributed : bool, optional
         Split the grid points over the ranks of the initialised ``torch.distributed`` process
-        group (default: when one is initialised, e.g. under ``torchrun``): each rank trains its
+        group (default: when one is initialised, or initialise it from ``torchrun``'s environment;
+        see :func:`pyft.distributed.process_group`): each rank trains its
         points (``rank::world_size``) on all the data, the validation table is gathered to every
         rank, and every rank selects and refits the same best point.
 

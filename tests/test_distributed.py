@@ -302,6 +302,65 @@ def test_a_failure_on_rank0_reaches_every_rank(tmp_path):
                                 "ValueError: no such file: data.csv")
 
 
+def test_fine_tuner_ranks_with_other_settings_stop_with_a_clear_error(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT_WORKER)
+    for p in _start(script, 2, "full", tmp_path / "c", "mismatch"):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode != 0
+        assert "ranks disagree on the settings of FineTuner.fit: rank(s) [1]" in err, err[-2000:]
+
+
+_MISMATCH_WORKER = textwrap.dedent("""
+    import datetime, os, sys
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from pyft.cache import extract_features
+    from pyft.models import wrap_model
+    from pyft.preprocessing import ImagePreprocessing
+
+    mode, root = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    m = wrap_model(net, 3, preprocessing=ImagePreprocessing((8, 8), (0.5,) * 3, (0.25,) * 3))
+    X = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    if mode == "data" and rank == 1:
+        X[3] += 1  # one pixel of one image differs on rank 1
+    cache_dir = os.path.join(root, f"rank{rank}") if mode == "root" else root
+    try:
+        extract_features(m, X, cut=1, cache_dir=cache_dir, batch_size=8, progress=False)
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("mode", ["data", "root"])
+def test_ranks_that_disagree_get_a_clear_error(tmp_path, mode):
+    """Different data on one rank, or a cache folder the ranks do not share, is an error that
+    names the cause, not a hang or a half-written entry."""
+    script = tmp_path / "mismatch.py"
+    script.write_text(_MISMATCH_WORKER)
+    procs = _start(script, 2, mode, tmp_path / "cache")
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        errs.append(err)
+        assert p.returncode != 0
+    if mode == "data":
+        for err in errs:  # both ranks stop with the same message
+            assert "ranks disagree on the data of the cache entry: rank(s) [1]" in err, err[-2000:]
+    else:
+        assert "rank 1 cannot see the cache entry rank 0 prepared" in errs[1], errs[1][-2000:]
+        assert "must be on a file system every rank shares" in errs[1]
+    for dirpath, _, files in os.walk(tmp_path / "cache"):
+        assert "manifest.json" not in files
+
+
 def test_init_from_env_without_torchrun_is_a_no_op(monkeypatch):
     from pyft.distributed import init_from_env, rank_and_world
 
@@ -387,6 +446,11 @@ def test_pyft_fit_under_torchrun(tmp_path):
     assert ff["strategy"] == "freeze_first" and ff["k"] == 14
     with open(os.path.join(ff["model"], "config.json")) as f:
         assert len(json.load(f)["history"]) == 2
+    # auto: rank 0 advises (timed trials) and every rank follows its choice.
+    auto = _fit_cli(tmp_path, env, True, tmp_path / "auto", "--budget", "2", "--epochs", "1")
+    with open(os.path.join(tmp_path / "auto", "report", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["advice"]["strategy"] == auto["strategy"]
 
 
 _FIT_WORKER = textwrap.dedent("""
@@ -395,13 +459,12 @@ _FIT_WORKER = textwrap.dedent("""
     import torch
     from torch import nn
     import pyft
-    from pyft.distributed import init_from_env
     from pyft.models import wrap_model
     from pyft.preprocessing import ImagePreprocessing
     from sklearn.datasets import load_digits
 
     strategy, root = sys.argv[1], sys.argv[2]
-    init_from_env()
+    # No init_process_group here: under torchrun's variables, fit initialises the group itself.
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # No BatchNorm or dropout: a data-parallel step is then exactly the one-process step.
@@ -410,14 +473,16 @@ _FIT_WORKER = textwrap.dedent("""
     model = wrap_model(net, 10, preprocessing=ImagePreprocessing((16, 16), (0.5,) * 3, (0.25,) * 3))
     d = load_digits()
     X = (d.images[:303] * (255 / 16)).astype(np.uint8)
-    ft = pyft.FineTuner(model, strategy=strategy, k=1, epochs=4, batch_size=49, lr=1e-2,
+    lr = 2e-2 if sys.argv[3:] == ["mismatch"] and os.environ.get("RANK") == "1" else 1e-2
+    ft = pyft.FineTuner(model, strategy=strategy, k=1, epochs=4, batch_size=49, lr=lr,
                         patience=0, cache_dir=root, progress=False)
     ft.fit(X, labels=d.target[:303])
     params = torch.cat([p.detach().reshape(-1) for p in ft.model_.net.parameters()])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     out = os.path.join(os.path.dirname(root), f"params-{os.path.basename(root)}-{rank}.npy")
     np.save(out, params.numpy())
-    print(json.dumps({"params": out, "history": ft.history_,
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    print(json.dumps({"params": out, "history": ft.history_, "world": world,
                       "val": ft.val_metrics_["accuracy"], "n_val": ft.val_metrics_["n"]}),
           flush=True)
     if torch.distributed.is_initialized():
@@ -434,6 +499,7 @@ def test_data_parallel_fine_tuning_matches_one_process(tmp_path, strategy):
     script.write_text(_FIT_WORKER)
     one = _wait(_start(script, 1, strategy, tmp_path / "c1"))[0]
     two = _wait(_start(script, 2, strategy, tmp_path / "c2"))
+    assert one["world"] == 1 and [o["world"] for o in two] == [2, 2]  # fit joined the group
     for out in [one] + two:
         out["params"] = np.load(out["params"])
     np.testing.assert_array_equal(two[0]["params"], two[1]["params"])  # ranks agree exactly
