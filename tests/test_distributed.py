@@ -129,17 +129,38 @@ def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
             break
         time.sleep(0.02)
     os.kill(procs[1].pid, signal.SIGKILL)  # rank 1 dies half way
-    os.kill(procs[0].pid, signal.SIGKILL)  # rank 0 would wait for it at the barrier
-    for p in procs:
-        p.communicate()
+    procs[0].communicate(timeout=120)  # rank 0 does not hang: gloo reports the lost peer
+    assert procs[0].returncode != 0
+    procs[1].communicate()
     entry_dir = next(p for p in root.iterdir() if p.is_dir())
     assert not (entry_dir / "manifest.json").exists()
     assert (entry_dir / "progress.rank1.json").exists()
     before = len(marker.read_text().splitlines())
-    # Rerun on one process: it reuses what both ranks finished.
-    out = _wait(_launch(tmp_path, "synthetic", root, marker, 1))[0]
+    # Rerun with two ranks again: they reuse what both ranks finished.
+    outs = _wait(_launch(tmp_path, "synthetic", root, marker, 2))
     rerun = len(marker.read_text().splitlines()) - before
-    assert rerun < 20
+    assert 0 < rerun < 20
+    ref = _wait(_launch(tmp_path, "synthetic", tmp_path / "ref", tmp_path / "m3", 1))[0]
+    assert outs[0]["path"] == outs[1]["path"]
+    assert _bytes(outs[0]["path"]) == _bytes(ref["path"])
+    assert not [f for f in os.listdir(outs[0]["path"]) if f.startswith("progress")]
+
+
+def test_a_rank_killed_then_a_one_process_rerun_completes(tmp_path):
+    root, marker = tmp_path / "c", tmp_path / "calls"
+    procs = _launch(tmp_path, "synthetic", root, marker, 2, delay=0.05)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if marker.exists() and sum(1 for line in marker.read_text().splitlines()
+                                   if line.startswith("1 ")) >= 3:
+            break
+        time.sleep(0.02)
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)  # the whole job dies (e.g. torchrun torn down)
+        p.communicate()
+    before = len(marker.read_text().splitlines())
+    out = _wait(_launch(tmp_path, "synthetic", root, marker, 1))[0]
+    assert 0 < len(marker.read_text().splitlines()) - before < 20
     ref = _wait(_launch(tmp_path, "synthetic", tmp_path / "ref", tmp_path / "m3", 1))[0]
     assert _bytes(out["path"]) == _bytes(ref["path"])
 
