@@ -119,8 +119,8 @@ def test_sharded_real_model_extraction_is_bit_identical(tmp_path):
     assert _bytes(outs[0]["path"]) == _bytes(single["path"])
 
 
-def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
-    root, marker = tmp_path / "c", tmp_path / "calls"
+def _start_and_wait_for_rank1(tmp_path, root, marker):
+    """A two-rank synthetic extraction, returned once rank 1 has computed 3 batches."""
     procs = _launch(tmp_path, "synthetic", root, marker, 2, delay=0.05)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -128,6 +128,12 @@ def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
                                    if line.startswith("1 ")) >= 3:
             break
         time.sleep(0.02)
+    return procs
+
+
+def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
+    root, marker = tmp_path / "c", tmp_path / "calls"
+    procs = _start_and_wait_for_rank1(tmp_path, root, marker)
     os.kill(procs[1].pid, signal.SIGKILL)  # rank 1 dies half way
     procs[0].communicate(timeout=120)  # rank 0 does not hang: gloo reports the lost peer
     assert procs[0].returncode != 0
@@ -148,13 +154,7 @@ def test_a_rank_killed_mid_extraction_then_rerun_completes(tmp_path):
 
 def test_a_rank_killed_then_a_one_process_rerun_completes(tmp_path):
     root, marker = tmp_path / "c", tmp_path / "calls"
-    procs = _launch(tmp_path, "synthetic", root, marker, 2, delay=0.05)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if marker.exists() and sum(1 for line in marker.read_text().splitlines()
-                                   if line.startswith("1 ")) >= 3:
-            break
-        time.sleep(0.02)
+    procs = _start_and_wait_for_rank1(tmp_path, root, marker)
     for p in procs:
         os.kill(p.pid, signal.SIGKILL)  # the whole job dies (e.g. torchrun torn down)
         p.communicate()
