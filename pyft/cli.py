@@ -151,14 +151,19 @@ def _write_report(folder: str, ft: Any, log: _Printer) -> Dict[str, Any]:
 
 def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     import pyft
-    from pyft.distributed import rank_and_world
+    from pyft.distributed import on_rank0, rank_and_world
 
     rank = rank_and_world()[0]
     if not args.json and rank == 0:  # under torchrun, rank 0 reports for all
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = os.path.abspath(args.out)
-    if not os.path.isdir(os.path.dirname(out_dir)):
-        raise FileNotFoundError(f"--out {args.out!r}: folder {os.path.dirname(out_dir)!r} does not exist")
+
+    def check_out() -> None:  # rank 0 writes the model: its file system is the one that counts
+        if not os.path.isdir(os.path.dirname(out_dir)):
+            raise FileNotFoundError(f"--out {args.out!r}: folder {os.path.dirname(out_dir)!r} "
+                                    "does not exist")
+
+    on_rank0(check_out, "checking --out", *rank_and_world())
     d = _data(args.data)
     val = _data(args.val, classes=d.classes) if args.val else None
     k: Any = args.k

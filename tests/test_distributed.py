@@ -467,6 +467,14 @@ def test_pyft_fit_under_torchrun(tmp_path):
     assert ff["strategy"] == "freeze_first" and ff["k"] == 14
     with open(os.path.join(ff["model"], "config.json")) as f:
         assert len(json.load(f)["history"]) == 2
+    # A bad --out stops every rank at once, with rank 0's reason.
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "pyft", "fit",
+                          str(tmp_path / "data"), "--out", str(tmp_path / "no" / "run")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0
+    assert "pyft fit: error: --out" in bad.stderr and "does not exist" in bad.stderr
+    assert "rank 0 failed while checking --out: FileNotFoundError" in bad.stderr
     # auto: rank 0 advises (timed trials) and every rank follows its choice.
     auto = _fit_cli(tmp_path, env, True, tmp_path / "auto", "--budget", "2", "--epochs", "1")
     with open(os.path.join(tmp_path / "auto", "report", "metrics.json")) as f:
