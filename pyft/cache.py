@@ -545,7 +545,7 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
                      batch_size: int = 64, channels_last: bool = False, autocast_bf16: bool = False,
                      progress: bool = True, rebuild: bool = False,
                      transform: Any = None, augment_views: Optional[int] = None, seed: int = 0,
-                     distributed: Optional[bool] = None,
+                     distributed: Any = None,
                      cache: Optional[FeatureCache] = None) -> CacheEntry:
     """Run the frozen part of ``model`` over ``data`` once and cache the activations.
 
@@ -578,13 +578,14 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
     seed : int
         Seeds the augmentation (each batch of each view gets its own seed, so an interrupted
         extraction resumes bit-identically).
-    distributed : bool, optional
-        Split the extraction over the ranks of the initialised ``torch.distributed`` process group
-        (default: when one is initialised, or initialise it from ``torchrun``'s environment; see
-        :func:`pyft.distributed.process_group`). Every rank passes the same
-        data and cache folder (a shared file system); each computes a disjoint, deterministic
-        set of chunks, rank 0 writes the manifest after a barrier, and the entry is byte for
-        byte the single-process one. A rerun after a rank died reuses the finished chunks.
+    distributed : bool or ProcessGroup, optional
+        Split the extraction over the ranks of the initialised ``torch.distributed`` process group,
+        or of the ``ProcessGroup`` given (default: when one is initialised, or initialise it from
+        ``torchrun``'s environment; see :func:`pyft.distributed.process_group`). Every rank
+        passes the same data and cache folder (a shared file system); each computes a disjoint,
+        deterministic set of chunks, rank 0 writes the manifest after a barrier, and the entry is
+        byte for byte the single-process one. A rerun after a rank died reuses the finished
+        chunks.
 
     Returns
     -------
@@ -704,13 +705,13 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
     from pyft.distributed import check_same_on_all_ranks, process_group
 
     dist_spec = None
-    rank, world = process_group(distributed)
-    if world > 1:
+    ranks = process_group(distributed)
+    if ranks.world > 1:
         import torch.distributed as tdist
 
-        dist_spec = (rank, world, tdist.barrier)
+        dist_spec = (ranks.rank, ranks.world, lambda: tdist.barrier(group=ranks.group))
         # One entry for all ranks: the key parts (weights, data, cut, options) must agree.
-        check_same_on_all_ranks(parts, "the cache entry")
+        check_same_on_all_ranks(parts, "the cache entry", ranks)
 
     model.eval()
     try:

@@ -151,7 +151,7 @@ def _write_report(folder: str, ft: Any, log: _Printer) -> Dict[str, Any]:
 
 def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     import pyft
-    from pyft.distributed import on_rank0, rank_and_world
+    from pyft.distributed import Ranks, on_rank0, rank_and_world
 
     rank = rank_and_world()[0]
     if not args.json and rank == 0:  # under torchrun, rank 0 reports for all
@@ -163,7 +163,7 @@ def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
             raise FileNotFoundError(f"--out {args.out!r}: folder {os.path.dirname(out_dir)!r} "
                                     "does not exist")
 
-    on_rank0(check_out, "checking --out", *rank_and_world())
+    on_rank0(check_out, "checking --out", Ranks(*rank_and_world()))
     d = _data(args.data)
     val = _data(args.val, classes=d.classes) if args.val else None
     k: Any = args.k

@@ -17,11 +17,12 @@ No sockets, schedulers or cluster code of pyft's own: everything goes through to
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["init_from_env", "rank_and_world", "process_group", "on_rank0", "all_reduce_gradients",
+__all__ = ["init_from_env", "rank_and_world", "process_group", "Ranks", "on_rank0",
+           "check_same_on_all_ranks", "all_reduce_gradients",
            "sync_buffers", "broadcast_state", "train_head_data_parallel"]
 
 
@@ -65,21 +66,48 @@ def rank_and_world() -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def process_group(distributed: Optional[bool]) -> Tuple[int, int]:
-    """(rank, world size) to split work over for a ``distributed=`` argument.
+class Ranks(NamedTuple):
+    """This process's place in the group pyft splits work over."""
 
-    ``False``: (0, 1), this process alone. ``None`` (the default of pyft's functions) and
-    ``True``: the initialised default group; without one, a group is initialised from torchrun's
-    environment (:func:`init_from_env`) when it describes several processes. ``None`` then falls
-    back to (0, 1); ``True`` raises a RuntimeError.
+    rank: int  # in ``group``
+    world: int  # size of ``group``
+    group: Any = None  # a torch.distributed ProcessGroup; None: the default group (or none)
+
+    @property
+    def src0(self) -> int:
+        """The global rank of the group's rank 0 (what ``src=`` of a broadcast takes)."""
+        if self.group is None:
+            return 0
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, 0)
+
+
+def process_group(distributed: Any) -> Ranks:
+    """The ranks to split work over for a ``distributed=`` argument.
+
+    ``False``: this process alone. A ``torch.distributed`` ``ProcessGroup`` (e.g. from
+    ``dist.new_group``): its members, which must all call the same pyft function. ``None`` (the
+    default of pyft's functions) and ``True``: the initialised default group; without one, a group
+    is initialised from torchrun's environment (:func:`init_from_env`) when it describes several
+    processes. ``None`` then falls back to this process alone; ``True`` raises a RuntimeError.
     """
     if distributed is False:
-        return 0, 1
+        return Ranks(0, 1)
     import sys
 
     # A process group can only exist if torch.distributed was imported, or under torchrun:
     # otherwise torch is not imported here (fit_grid runs without it).
     dist = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed is not True:
+        if dist is not None and distributed is dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError("this process is not a member of the process group passed as "
+                             "distributed= (new_group() returned NON_GROUP_MEMBER here); call "
+                             "pyft only on the group's ranks")
+        if dist is None or not isinstance(distributed, dist.ProcessGroup):
+            raise TypeError("distributed must be None, True, False or a torch.distributed "
+                            f"ProcessGroup; got {distributed!r}")
+        return Ranks(dist.get_rank(distributed), dist.get_world_size(distributed), distributed)
     ready = dist is not None and dist.is_available() and dist.is_initialized()
     if not ready and int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
         ready = init_from_env()
@@ -88,30 +116,30 @@ def process_group(distributed: Optional[bool]) -> Tuple[int, int]:
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group, or run under torchrun)")
     if not ready:
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+        return Ranks(0, 1)
+    return Ranks(dist.get_rank(), dist.get_world_size())
 
 
-def on_rank0(fn: Callable[[], Any], what: str, rank: int, world: int) -> Any:
-    """Run ``fn`` on rank 0 only and hand its (picklable) result to every rank.
+def on_rank0(fn: Callable[[], Any], what: str, ranks: Ranks) -> Any:
+    """Run ``fn`` on the group's rank 0 only and hand its (picklable) result to every rank.
 
     Every rank must call it (it is a collective). When ``fn`` raises on rank 0, rank 0 re-raises
     the exception and the other ranks raise a RuntimeError that names ``what`` and the error,
     instead of waiting for a result that never comes.
     """
-    if world <= 1:
+    if ranks.world <= 1:
         return fn()
     import torch.distributed as dist
 
     payload: List[Any] = [None]
     error: Optional[BaseException] = None
-    if rank == 0:
+    if ranks.rank == 0:
         try:
             payload = [("ok", fn())]
         except Exception as e:  # handed to the other ranks, then re-raised here
             error = e
             payload = [("error", f"{type(e).__name__}: {e}")]
-    dist.broadcast_object_list(payload, src=0)
+    dist.broadcast_object_list(payload, src=ranks.src0, group=ranks.group)
     status, value = payload[0]
     if status == "error":
         if error is not None:
@@ -120,15 +148,14 @@ def on_rank0(fn: Callable[[], Any], what: str, rank: int, world: int) -> Any:
     return value
 
 
-def check_same_on_all_ranks(parts: Dict[str, Any], what: str) -> None:
+def check_same_on_all_ranks(parts: Dict[str, Any], what: str, ranks: Ranks) -> None:
     """Raise the same ValueError on every rank when ``parts`` (a dict of picklable values: data
     fingerprints, settings, weight hashes) differs between ranks; names the differing entries
     and ranks. A collective: every rank calls it."""
     import torch.distributed as dist
 
-    world = dist.get_world_size()
-    every: List[Any] = [None] * world
-    dist.all_gather_object(every, parts)
+    every: List[Any] = [None] * ranks.world
+    dist.all_gather_object(every, parts, group=ranks.group)
     differ = sorted({name for p in every for name in set(p) | set(every[0])
                      if p.get(name) != every[0].get(name)})
     if differ:
@@ -138,7 +165,7 @@ def check_same_on_all_ranks(parts: Dict[str, Any], what: str) -> None:
                          "and options")
 
 
-def all_reduce_gradients(params: List[Any]) -> None:
+def all_reduce_gradients(params: List[Any], ranks: Ranks) -> None:
     """Sum the gradients of ``params`` over the ranks, in one flat buffer (a parameter without a
     gradient on this rank -- e.g. an empty share of a batch -- contributes zeros)."""
     import torch
@@ -146,7 +173,7 @@ def all_reduce_gradients(params: List[Any]) -> None:
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ranks.group)
     off = 0
     for p, g in zip(params, grads):
         n = g.numel()
@@ -154,28 +181,27 @@ def all_reduce_gradients(params: List[Any]) -> None:
         off += n
 
 
-def sync_buffers(module: Any) -> None:
+def sync_buffers(module: Any, ranks: Ranks) -> None:
     """Make the buffers of ``module`` (BatchNorm running statistics) equal on every rank: floating
     buffers are averaged, others (step counters) are rank 0's."""
     import torch
     import torch.distributed as dist
 
-    world = dist.get_world_size()
     for b in module.buffers():
         if torch.is_floating_point(b):
             t = b.detach().double()
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            b.data.copy_(t / world)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ranks.group)
+            b.data.copy_(t / ranks.world)
         else:
-            dist.broadcast(b.data, src=0)
+            dist.broadcast(b.data, src=ranks.src0, group=ranks.group)
 
 
-def broadcast_state(module: Any) -> None:
+def broadcast_state(module: Any, ranks: Ranks) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     import torch.distributed as dist
 
     for t in module.state_dict().values():
-        dist.broadcast(t.data, src=0)
+        dist.broadcast(t.data, src=ranks.src0, group=ranks.group)
 
 
 def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
@@ -186,7 +212,7 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
                              eps: float = 1e-8, schedule: str = "constant", warmup_steps: int = 0,
                              min_lr_ratio: float = 0.0, epochs: int = 10, batch_size: int = 256,
                              seed: int = 0, params: Optional[np.ndarray] = None,
-                             n_threads: int = 0
+                             n_threads: int = 0, distributed: Any = None
                              ) -> Tuple[np.ndarray, List[Dict[str, float]]]:
     """Train one head (linear or MLP), data-parallel over the process group's ranks.
 
@@ -199,6 +225,8 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
     weights only, ``constant`` / ``cosine`` / ``step`` schedule with warm-up, mean loss over the
     global batch), so the result equals one process -- and ``train_head`` -- with the same global
     batch up to float summation order. Without a group it is the one-process run.
+    ``distributed`` chooses the ranks as in :func:`process_group` (default: the initialised
+    group, or one from torchrun's environment; a ``ProcessGroup`` for a subset of the ranks).
 
     Returns
     -------
@@ -233,8 +261,10 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
         raise TypeError(f"labels must be integers in [0, {num_classes}); got dtype {y.dtype}")
     y = y.astype(np.int64)
     if n and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}); got values in [{y.min()}, {y.max()}]")
-    rank, world = rank_and_world()
+        raise ValueError(f"labels must be in [0, {num_classes}); got values in "
+                         f"[{y.min()}, {y.max()}]")
+    ranks = process_group(distributed)
+    rank, world = ranks.rank, ranks.world
     C, H = int(num_classes), int(hidden_size)
     p = init_head_params(head, d, C, H, seed=seed) if params is None else \
         np.array(params, dtype=np.float32).ravel()
@@ -275,7 +305,7 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
             if world > 1:  # one float32 all-reduce of C x d (+ C) values per step
                 import torch.distributed as dist
 
-                dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+                dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ranks.group)
             g_mean = (grad[:n_params] / len(batch)).numpy()
             loss_sum = float(grad[n_params])
             lr_t = lr * _core.lr_factor(schedule, step, total, steps_per_epoch,
@@ -291,7 +321,8 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
 def _update(p: np.ndarray, g: np.ndarray, decay: np.ndarray, m: np.ndarray,
             v: Optional[np.ndarray], t: int, optimizer: str, lr: np.float32, wd: float,
             momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float) -> None:
-    """One optimizer step in float32, in the native trainer's operation order (csrc/common/optim.cpp)."""
+    """One optimizer step in float32, in the native trainer's operation order
+    (csrc/common/optim.cpp)."""
     f32 = np.float32
     wd_v = decay * f32(wd)
     if optimizer == "sgd":

@@ -81,8 +81,9 @@ class FineTuner:
     autocast : bool, optional
         bfloat16 autocast for end-to-end training; default on for CUDA, off on CPU (where it
         helps only with AMX/AVX-512 BF16, which these machines lack).
-    distributed : bool, optional
-        Split the work over the initialised ``torch.distributed`` process group (default: when
+    distributed : bool or ProcessGroup, optional
+        Split the work over the initialised ``torch.distributed`` process group (or the
+        ``ProcessGroup`` given) (default: when
         one is initialised, or initialise it from ``torchrun``'s environment); every rank must
         then call ``fit``. ``False`` fits in this process alone.
     """
@@ -94,7 +95,7 @@ class FineTuner:
                  val_fraction: float = 0.1, image_size: Optional[int] = None,
                  cache_dir: Optional[str] = None, advise_budget: Optional[float] = None,
                  autocast: Optional[bool] = None, device: str = "cpu", seed: int = 0,
-                 progress: bool = True, distributed: Optional[bool] = None) -> None:
+                 progress: bool = True, distributed: Any = None) -> None:
         if strategy not in STRATEGIES:
             import difflib
 
@@ -138,7 +139,8 @@ class FineTuner:
         from pyft.models import FineTunableModel, load_model
 
         t0 = time.perf_counter()
-        self._rank, self._world = process_group(self.distributed)
+        self._ranks = process_group(self.distributed)
+        self._rank, self._world = self._ranks.rank, self._ranks.world
         data = load_data(train, labels)
         counts = np.bincount(data.labels, minlength=len(data.classes))
         if len(data.classes) < 2:
@@ -175,13 +177,14 @@ class FineTuner:
             from pyft.cache import data_fingerprint
             from pyft.distributed import check_same_on_all_ranks
 
+            skip = ("model", "progress", "distributed")
             settings = {k_: v for k_, v in vars(self).items() if not k_.startswith("_")
-                        and not k_.endswith("_") and k_ not in ("model", "progress")}
+                        and not k_.endswith("_") and k_ not in skip}
             check_same_on_all_ranks({
                 "training data": [data_fingerprint(train_d.inputs), train_d.labels.tolist()],
                 "validation data": [data_fingerprint(val_d.inputs), val_d.labels.tolist()],
                 "classes": list(data.classes), "model weights": model.weights_hash(),
-                "settings": repr(sorted(settings.items()))}, "FineTuner.fit")
+                "settings": repr(sorted(settings.items()))}, "FineTuner.fit", self._ranks)
         strategy, k = self.strategy, self.k
         self.advice_ = None
         if strategy == "auto":
@@ -190,7 +193,7 @@ class FineTuner:
             self.advice_ = on_rank0(  # trials are timed: one rank decides for all
                 lambda: advise(model, train_d.inputs, train_d.labels,
                                time_budget=self.advise_budget, epochs=self.epochs, seed=self.seed),
-                "advising a strategy", self._rank, self._world)
+                "advising a strategy", self._ranks)
             strategy, k = self.advice_.strategy, self.advice_.k
             _log.info("auto strategy: %s%s -- %s", strategy,
                       f"(k={k})" if k else "", self.advice_.reason)
@@ -220,7 +223,8 @@ class FineTuner:
 
         idx = np.arange(self._rank, len(d), self._world)
         parts: List[Any] = [None] * self._world
-        dist.all_gather_object(parts, self.predict_proba(take(d.inputs, idx)))
+        dist.all_gather_object(parts, self.predict_proba(take(d.inputs, idx)),
+                               group=self._ranks.group)
         p = np.empty((len(d), len(self.classes_)), np.float32)
         for r, part in enumerate(parts):
             p[r::self._world] = part
@@ -231,7 +235,8 @@ class FineTuner:
 
         return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
                                 batch_size=self.batch_size, progress=self.progress,
-                                distributed=self._world > 1)
+                                distributed=self._ranks.group if self._ranks.group is not None
+                                else self._world > 1)
 
     def _fit_head_only(self, model: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.heads import HeadClassifier
@@ -251,7 +256,7 @@ class FineTuner:
 
         from pyft.distributed import on_rank0
 
-        W, b, iters, acc = on_rank0(fit_head, "fitting the head", self._rank, self._world)
+        W, b, iters, acc = on_rank0(fit_head, "fitting the head", self._ranks)
         with torch.no_grad():
             model.head.weight.copy_(torch.from_numpy(W))
             model.head.bias.copy_(torch.from_numpy(b))
@@ -300,11 +305,11 @@ class FineTuner:
                     tot += float(loss.detach())
                     n += len(y)
                 if world > 1:
-                    pdist.all_reduce_gradients(params)
+                    pdist.all_reduce_gradients(params, self._ranks)
                 opt.step()
                 sched.step()
             if world > 1:
-                pdist.sync_buffers(model.net)
+                pdist.sync_buffers(model.net, self._ranks)
             model.eval()
             vl, vc, vn = 0.0, 0, 0
             with torch.inference_mode():
@@ -319,7 +324,7 @@ class FineTuner:
                 import torch.distributed as dist
 
                 sums = torch.tensor([tot, n, vl, vc, vn], dtype=torch.float64)
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self._ranks.group)
                 tot, n, vl, vc, vn = sums.tolist()
             rec = {"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": vl / max(vn, 1),
                    "val_accuracy": vc / max(vn, 1), "lr": sched.get_last_lr()[0],
@@ -337,7 +342,7 @@ class FineTuner:
         if best_state is not None:
             model.net.load_state_dict(best_state)
         if world > 1:
-            pdist.broadcast_state(model.net)  # identical already; made certain
+            pdist.broadcast_state(model.net, self._ranks)  # identical already; made certain
 
     def _fit_freeze_first(self, model: Any, k: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.split import split_model

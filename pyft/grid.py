@@ -154,7 +154,7 @@ def fit_grid(
     warmup_steps: int = 0,
     select: str = "accuracy",
     n_threads: int = 0,
-    distributed: Optional[bool] = None,
+    distributed: Any = None,
 ) -> GridResult:
     """Train a grid of linear heads, select by validation / k-fold CV, refit the best on all data.
 
@@ -180,12 +180,12 @@ def fit_grid(
         Highest mean validation accuracy (ties: lower mean loss) or lowest mean validation loss.
         Grid points whose validation loss is not finite (diverged) are never selected.
 
-    distributed : bool, optional
+    distributed : bool or ProcessGroup, optional
         Split the grid points over the ranks of the initialised ``torch.distributed`` process
-        group (default: when one is initialised, or initialise it from ``torchrun``'s environment;
-        see :func:`pyft.distributed.process_group`): each rank trains its
-        points (``rank::world_size``) on all the data, the validation table is gathered to every
-        rank, and every rank selects and refits the same best point.
+        group, or of the ``ProcessGroup`` given (default: when one is initialised, or initialise
+        it from ``torchrun``'s environment; see :func:`pyft.distributed.process_group`): each
+        rank trains its points (``rank::world_size``) on all the data, the validation table is
+        gathered to every rank, and every rank selects and refits the same best point.
 
     Returns
     -------
@@ -210,7 +210,8 @@ def fit_grid(
     init = init_head_params("linear", D, C, seed=int(seed))
     from pyft.distributed import process_group
 
-    rank, world = process_group(distributed)
+    ranks = process_group(distributed)
+    rank, world = ranks.rank, ranks.world
     mine = np.arange(rank, lr_grid.size, world)
     acc = np.empty((len(splits), lr_grid.size))
     loss = np.empty((len(splits), lr_grid.size))
@@ -226,7 +227,7 @@ def fit_grid(
         import torch.distributed as dist
 
         parts: List[Any] = [None] * world
-        dist.all_gather_object(parts, (mine, acc[:, mine], loss[:, mine]))
+        dist.all_gather_object(parts, (mine, acc[:, mine], loss[:, mine]), group=ranks.group)
         for idx, a, lo in parts:
             acc[:, idx], loss[:, idx] = a, lo
     table = {

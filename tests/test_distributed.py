@@ -291,17 +291,17 @@ def test_data_parallel_head_rejects_bad_input():
 _RANK0_WORKER = textwrap.dedent("""
     import json
     import torch.distributed as dist
-    from pyft.distributed import init_from_env, on_rank0, rank_and_world
+    from pyft.distributed import Ranks, init_from_env, on_rank0, rank_and_world
 
     init_from_env()
     rank, world = rank_and_world()
-    ok = on_rank0(lambda: {"value": 41 + 1}, "computing", rank, world)
+    ok = on_rank0(lambda: {"value": 41 + 1}, "computing", Ranks(rank, world))
 
     def broken():
         raise ValueError("no such file: data.csv")
 
     try:
-        on_rank0(broken, "advising a strategy", rank, world)
+        on_rank0(broken, "advising a strategy", Ranks(rank, world))
         err = None
     except Exception as e:
         err = f"{type(e).__name__}: {e}"
@@ -380,6 +380,76 @@ def test_ranks_that_disagree_get_a_clear_error(tmp_path, mode):
         assert "must be on a file system every rank shares" in errs[1]
     for dirpath, _, files in os.walk(tmp_path / "cache"):
         assert "manifest.json" not in files
+
+
+_SUBGROUP_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    import pyft
+    from pyft.cache import extract_features
+    from pyft.distributed import init_from_env, train_head_data_parallel
+    from pyft.grid import fit_grid
+    from pyft.models import wrap_model
+    from pyft.preprocessing import ImagePreprocessing
+
+    out_dir = sys.argv[1]
+    init_from_env()
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    group = dist.new_group([1, 2])  # every rank calls new_group; ranks 1 and 2 split the work
+    ref = rank == 0  # rank 0 computes the one-process reference
+    how = False if ref else group
+    res = {}
+    if ref:
+        try:
+            fit_grid(np.zeros((10, 2), np.float32), np.arange(10) % 2, distributed=group)
+        except ValueError as e:
+            res["outsider"] = str(e)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 16)).astype(np.float32)
+    y = (X[:, :4] @ rng.standard_normal((4, 3))).argmax(1)
+    g = fit_grid(X, y, lrs=[1e-3, 1e-2, 1e-1, 1.0], weight_decays=[0.0], folds=3, epochs=2,
+                 batch_size=64, n_threads=1, distributed=how)
+    res["grid_best"] = int(g.best_index_)
+    np.save(os.path.join(out_dir, f"grid{rank}.npy"), g.params_)
+    p, _ = train_head_data_parallel(X, y, 3, lr=0.05, epochs=2, batch_size=50, distributed=how)
+    np.save(os.path.join(out_dir, f"dp{rank}.npy"), p)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    m = wrap_model(net, 3, preprocessing=ImagePreprocessing((8, 8), (0.5,) * 3, (0.25,) * 3))
+    imgs = rng.integers(0, 255, (90, 8, 8), dtype=np.uint8)
+    cache = os.path.join(out_dir, "ref" if ref else "group")
+    e = extract_features(m, imgs, cut=1, cache_dir=cache, batch_size=8, progress=False,
+                         distributed=how)
+    np.save(os.path.join(out_dir, f"cache{rank}.npy"), np.asarray(e.features))
+    ft = pyft.FineTuner(m, strategy="freeze_first", k=1, epochs=2, batch_size=16, lr=1e-2,
+                        patience=0, cache_dir=cache, progress=False, distributed=how)
+    ft.fit(imgs, labels=np.arange(90) % 3)
+    np.save(os.path.join(out_dir, f"ft{rank}.npy"),
+            torch.cat([q.detach().reshape(-1) for q in ft.model_.net.parameters()]).numpy())
+    print(json.dumps(res), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_a_process_group_passed_as_distributed(tmp_path):
+    """``distributed=<ProcessGroup>``: ranks 1 and 2 of 3 split extraction, grid, data-parallel
+    head and fine-tuning among themselves and match rank 0's one-process results."""
+    script = tmp_path / "sub.py"
+    script.write_text(_SUBGROUP_WORKER)
+    outs = _wait(_start(script, 3, tmp_path))
+    assert "not a member of the process group" in outs[0]["outsider"]
+    assert outs[1]["grid_best"] == outs[2]["grid_best"] == outs[0]["grid_best"]
+    for name, tol in (("grid", 1e-6), ("dp", 1e-5), ("cache", 0), ("ft", 1e-4)):
+        ref = np.load(tmp_path / f"{name}0.npy")
+        for r in (1, 2):
+            np.testing.assert_allclose(np.load(tmp_path / f"{name}{r}.npy"), ref, rtol=tol,
+                                       atol=tol / 10, err_msg=name)
 
 
 def test_init_from_env_without_torchrun_is_a_no_op(monkeypatch):
