@@ -44,6 +44,15 @@ struct LossSpec {
   float weight(int64_t c) const { return class_weights ? class_weights[c] : 1.0f; }
 };
 
+/// The loss normaliser of a mini-batch: sum of its rows' class weights (its size without weights).
+inline double batch_weight_sum(const LossSpec& loss, const int64_t* labels, const int64_t* idx,
+                               int64_t count) {
+  if (!loss.class_weights) return static_cast<double>(count);
+  double wsum = 0.0;
+  for (int64_t r = 0; r < count; ++r) wsum += loss.class_weights[labels[idx[r]]];
+  return wsum;
+}
+
 /// Dropout for one step: element (sample, unit) is dropped iff hash(seed, sample, unit) < p.
 struct DropoutSpec {
   float p = 0.0f;

@@ -44,13 +44,7 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
   } else if (val.rows) {
     check_rows(val.rows, val.count, X.rows, "val_rows");
   }
-  if (loss.class_weights) {
-    for (int64_t i = 0; i < X.rows; ++i)
-      PYFT_CHECK(loss.class_weights[labels[i]] > 0.0f,
-                 "class_weights must be > 0 for every class present in labels; class %lld has "
-                 "weight 0",
-                 (long long)labels[i]);
-  }
+  check_class_weights_present(loss, labels, X.rows);
   return cpu::train_heads(spec, heads, params, lrs, weight_decays, X, labels, subset, val, loss,
                           opt, on_epoch, interrupted);
 }

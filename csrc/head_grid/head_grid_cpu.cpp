@@ -166,12 +166,7 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
       const int64_t begin = s * B;
       const int64_t count = std::min(B, N - begin);
       const int64_t* idx = order.data() + begin;
-      double wsum = 0.0;
-      if (loss.class_weights) {
-        for (int64_t r = 0; r < count; ++r) wsum += loss.class_weights[labels[idx[r]]];
-      } else {
-        wsum = static_cast<double>(count);
-      }
+      const double wsum = batch_weight_sum(loss, labels, idx, count);
       const double inv_denom = 1.0 / wsum;
       const float invd = static_cast<float>(inv_denom);
       factor = lr_factor(opt, step, total_steps, steps_per_epoch);

@@ -57,6 +57,16 @@ void check_loss(const LossSpec& loss, int64_t classes) {
   }
 }
 
+void check_class_weights_present(const LossSpec& loss, const int64_t* labels, int64_t n) {
+  if (!loss.class_weights) return;
+  // Every mini-batch needs a positive normaliser sum_i w_{y_i}.
+  for (int64_t i = 0; i < n; ++i)
+    PYFT_CHECK(loss.class_weights[labels[i]] > 0.0f,
+               "class_weights must be > 0 for every class present in labels; class %lld has "
+               "weight 0",
+               (long long)labels[i]);
+}
+
 void check_rows(const int64_t* rows, int64_t count, int64_t n, const char* name) {
   PYFT_CHECK(count >= 1, "%s must select at least 1 row; got %lld", name, (long long)count);
   for (int64_t i = 0; i < count; ++i)
@@ -133,14 +143,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
   PYFT_CHECK(opt.patience == 0 || val_X != nullptr,
              "patience=%lld (early stopping) needs a validation set (val_features, val_labels)",
              (long long)opt.patience);
-  if (loss.class_weights) {
-    // Every mini-batch needs a positive normaliser sum_i w_{y_i}.
-    for (int64_t i = 0; i < X.rows; ++i)
-      PYFT_CHECK(loss.class_weights[labels[i]] > 0.0f,
-                 "class_weights must be > 0 for every class present in labels; class %lld has "
-                 "weight 0",
-                 (long long)labels[i]);
-  }
+  check_class_weights_present(loss, labels, X.rows);
   return cpu::train_head(spec, params, X, labels, subset, val_X, val_labels, loss, opt, on_epoch,
                          interrupted);
 }

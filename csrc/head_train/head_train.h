@@ -93,6 +93,8 @@ void check_features(const Matrix& X, const HeadSpec& spec, const char* name, int
 void verify_finite(const Matrix& X, const char* name, int n_threads);
 void check_labels(const int64_t* labels, int64_t n, int64_t classes, const char* name);
 void check_loss(const LossSpec& loss, int64_t classes);
+/// Every label's class weight is > 0 (so every mini-batch has a positive weight sum).
+void check_class_weights_present(const LossSpec& loss, const int64_t* labels, int64_t n);
 /// Optimizer, schedule and loop options (lr and weight_decay included).
 void check_options(const TrainOptions& opt);
 /// rows[0..count) must be a non-empty list of indices into n rows.

@@ -146,12 +146,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
       const int64_t begin = s * B;
       const int64_t count = std::min(B, N - begin);
       const int64_t* idx = order.data() + begin;
-      double wsum = 0.0;
-      if (loss.class_weights) {
-        for (int64_t r = 0; r < count; ++r) wsum += loss.class_weights[labels[idx[r]]];
-      } else {
-        wsum = static_cast<double>(count);
-      }
+      const double wsum = batch_weight_sum(loss, labels, idx, count);
       DropoutSpec drop{opt.dropout, hash_combine(opt.seed ^ 0xd509u, static_cast<uint64_t>(step))};
       lr = opt.lr * lr_factor(opt, step, total_steps, steps_per_epoch);
       optimizer.begin_step();
