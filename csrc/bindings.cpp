@@ -16,6 +16,7 @@
 #include "common/check.h"
 #include "common/convert.h"
 #include "common/head_math.h"
+#include "common/optim.h"
 #include "common/parallel.h"
 #include "common/rng.h"
 #include "gather/gather.h"
@@ -88,16 +89,17 @@ py::array_t<int64_t> to_labels(const py::array& a, const char* name, int64_t n,
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
-float* params_ptr(const py::array& p, int64_t expected, bool writeable = true) {
+float* params_ptr(const py::array& p, int64_t expected, bool writeable = true,
+                  const char* name = "params") {
   PYFT_CHECK(p.ndim() == 1 && p.dtype().kind() == 'f' && p.itemsize() == 4,
-             "params must be a 1-D float32 array; got %d-D %s", (int)p.ndim(),
+             "%s must be a 1-D float32 array; got %d-D %s", name, (int)p.ndim(),
              dtype_str(p).c_str());
-  PYFT_CHECK(p.shape(0) == expected, "params must have %lld entries for this head; got %lld",
+  PYFT_CHECK(p.shape(0) == expected, "%s must have %lld entries for this head; got %lld", name,
              (long long)expected, (long long)p.shape(0));
-  PYFT_CHECK(p.flags() & py::array::c_style, "params must be C-contiguous; got stride %lld bytes",
-             (long long)p.strides(0));
+  PYFT_CHECK(p.flags() & py::array::c_style, "%s must be C-contiguous; got stride %lld bytes",
+             name, (long long)p.strides(0));
   PYFT_CHECK(!writeable || p.writeable(),
-             "params must be writeable (they are updated in place); got a read-only array");
+             "%s must be writeable (they are updated in place); got a read-only array", name);
   return static_cast<float*>(const_cast<void*>(p.data()));
 }
 
@@ -197,15 +199,7 @@ py::array_t<int64_t> to_rows(const py::array& a, const char* name) {
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
-void set_optimizer_and_schedule(TrainOptions& opt, const std::string& optimizer,
-                                const std::string& schedule) {
-  if (optimizer == "sgd") {
-    opt.optimizer = OptimizerKind::SGD;
-  } else if (optimizer == "adamw") {
-    opt.optimizer = OptimizerKind::AdamW;
-  } else {
-    PYFT_CHECK(false, "optimizer must be 'sgd' or 'adamw'; got '%s'", optimizer.c_str());
-  }
+void set_schedule(TrainOptions& opt, const std::string& schedule) {
   if (schedule == "constant") {
     opt.schedule = ScheduleKind::Constant;
   } else if (schedule == "cosine") {
@@ -215,6 +209,56 @@ void set_optimizer_and_schedule(TrainOptions& opt, const std::string& optimizer,
   } else {
     PYFT_CHECK(false, "schedule must be 'constant', 'cosine' or 'step'; got '%s'", schedule.c_str());
   }
+}
+
+void set_optimizer_and_schedule(TrainOptions& opt, const std::string& optimizer,
+                                const std::string& schedule) {
+  if (optimizer == "sgd") {
+    opt.optimizer = OptimizerKind::SGD;
+  } else if (optimizer == "adamw") {
+    opt.optimizer = OptimizerKind::AdamW;
+  } else {
+    PYFT_CHECK(false, "optimizer must be 'sgd' or 'adamw'; got '%s'", optimizer.c_str());
+  }
+  set_schedule(opt, schedule);
+}
+
+/// One optimizer step of train_head's update (weight decay on the weight matrices only) with
+/// caller-held state: m (SGD momentum buffer or AdamW first moment), v (AdamW second moment).
+void optimizer_step_py(py::array params, py::array grad, py::array m, std::optional<py::array> v,
+                       int64_t step, const std::string& head, int64_t in_features,
+                       int64_t num_classes, int64_t hidden_size, const std::string& optimizer,
+                       double lr, double weight_decay, double momentum, double dampening,
+                       bool nesterov, double beta1, double beta2, double eps) {
+  HeadSpec spec = make_spec(head, in_features, hidden_size, num_classes, "relu");
+  TrainOptions opt;
+  set_optimizer_and_schedule(opt, optimizer, "constant");
+  PYFT_CHECK(step >= 1, "step must be >= 1 (the count of steps so far, this one included); got %lld",
+             (long long)step);
+  const int64_t P = spec.num_params();
+  float* p = params_ptr(params, P);
+  const float* g = params_ptr(grad, P, /*writeable=*/false, "grad");
+  float* mb = params_ptr(m, P, true, "m");
+  const bool adamw = opt.optimizer == OptimizerKind::AdamW;
+  PYFT_CHECK(!adamw || v.has_value(), "optimizer='adamw' needs the second-moment buffer v");
+  float* vb = adamw ? params_ptr(*v, P, true, "v") : nullptr;
+  py::gil_scoped_release release;
+  auto update = [&](int64_t a, int64_t b, float wd) {
+    if (adamw) {
+      const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+      const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+      adamw_update(p + a, g + a, mb + a, vb + a, b - a, static_cast<float>(lr), wd,
+                   static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+                   static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                   static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)));
+    } else {
+      sgd_update(p + a, g + a, momentum != 0.0 ? mb + a : nullptr, b - a, static_cast<float>(lr),
+                 wd, static_cast<float>(momentum), static_cast<float>(dampening), nesterov,
+                 step == 1);
+    }
+  };
+  for (auto& r : spec.weight_ranges()) update(r.first, r.second, static_cast<float>(weight_decay));
+  for (auto& r : spec.bias_ranges()) update(r.first, r.second, 0.0f);
 }
 
 py::dict train_head_py(py::array params, py::array features, py::array labels,
@@ -688,6 +732,18 @@ out: None (a new array is returned) or a writeable C-contiguous float32 array of
 returned. Conversion is exact (as ndarray.astype(np.float32)); rows are split over n_threads
 (0: all) with the GIL released.)doc");
 
+  m.def("optimizer_step", &optimizer_step_py, "params"_a, "grad"_a, "m"_a, "v"_a = py::none(),
+        py::kw_only(), "step"_a, "head"_a = "linear", "in_features"_a, "num_classes"_a,
+        "hidden_size"_a = 0, "optimizer"_a = "sgd", "lr"_a, "weight_decay"_a = 0.0,
+        "momentum"_a = 0.0, "dampening"_a = 0.0, "nesterov"_a = false, "beta1"_a = 0.9,
+        "beta2"_a = 0.999, "eps"_a = 1e-8,
+        R"doc(One step of train_head's optimizer on params, in place, from the gradient grad.
+
+The update train_head applies after each batch (same kernels, same order): SGD with momentum /
+Nesterov (m: momentum buffer) or AdamW (m, v: moments), weight decay on the weight matrices only.
+step counts the steps so far, this one included (1 on the first). For training loops that compute
+the gradient elsewhere, e.g. summed over torch.distributed ranks.)doc");
+
   m.def("epoch_permutation", &epoch_permutation_py, "n"_a, "seed"_a, "epoch"_a,
         "The sample order train_head uses in a given epoch (for reference implementations).");
   m.def("lr_factor",
@@ -703,10 +759,7 @@ returned. Conversion is exact (as ndarray.astype(np.float32)); rows are split ov
                      "step must be >= 0, total and steps_per_epoch >= 1; got %lld, %lld, %lld",
                      (long long)step, (long long)total, (long long)steps_per_epoch);
           TrainOptions o;
-          if (schedule == "constant") o.schedule = ScheduleKind::Constant;
-          else if (schedule == "cosine") o.schedule = ScheduleKind::Cosine;
-          else if (schedule == "step") o.schedule = ScheduleKind::Step;
-          else PYFT_CHECK(false, "schedule must be 'constant', 'cosine' or 'step'; got '%s'", schedule.c_str());
+          set_schedule(o, schedule);
           o.warmup_steps = warmup_steps;
           o.min_lr_ratio = min_lr_ratio;
           o.step_size = step_size;

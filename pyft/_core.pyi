@@ -137,6 +137,27 @@ def gather_rows(
     *,
     bfloat16: bool = False,
 ) -> npt.NDArray[np.float32]: ...
+def optimizer_step(
+    params: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32],
+    m: npt.NDArray[np.float32],
+    v: Optional[npt.NDArray[np.float32]] = None,
+    *,
+    step: int,
+    head: str = "linear",
+    in_features: int,
+    num_classes: int,
+    hidden_size: int = 0,
+    optimizer: str = "sgd",
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> None: ...
 def epoch_permutation(n: int, seed: int, epoch: int) -> npt.NDArray[np.int64]: ...
 def lr_factor(
     schedule: str,

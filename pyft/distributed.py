@@ -272,16 +272,13 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
     if p.size != n_params:
         raise ValueError(f"params must hold {n_params} values for a {head} head on {d} features "
                          f"and {C} classes; got {p.size}")
-    decay = np.zeros(n_params, np.float32)  # weight decay on the weight matrices only
-    if head == "linear":
-        decay[:C * d] = 1.0
-    else:
-        decay[:H * d] = 1.0
-        decay[H * d + H:H * d + H + C * H] = 1.0
     m_buf = np.zeros_like(p)
     v_buf = np.zeros_like(p) if optimizer == "adamw" else None
     opts = dict(head=head, num_classes=C, hidden_size=H, activation=activation,
                 n_threads=n_threads)
+    step_opts = dict(head=head, in_features=d, num_classes=C, hidden_size=H, optimizer=optimizer,
+                     weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                     beta1=beta1, beta2=beta2, eps=eps)
     steps_per_epoch = -(-n // batch_size)
     total = steps_per_epoch * epochs
     buf = np.empty((min(batch_size, n), d), np.float32)
@@ -311,32 +308,8 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
             lr_t = lr * _core.lr_factor(schedule, step, total, steps_per_epoch,
                                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
             step += 1
-            _update(p, g_mean, decay, m_buf, v_buf, step, optimizer, np.float32(lr_t),
-                    weight_decay, momentum, nesterov, beta1, beta2, eps)
+            _core.optimizer_step(p, g_mean, m_buf, v_buf, step=step, lr=lr_t, **step_opts)
             total_loss += loss_sum
         history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "lr": lr_t})
     return p, history
 
-
-def _update(p: np.ndarray, g: np.ndarray, decay: np.ndarray, m: np.ndarray,
-            v: Optional[np.ndarray], t: int, optimizer: str, lr: np.float32, wd: float,
-            momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float) -> None:
-    """One optimizer step in float32, in the native trainer's operation order
-    (csrc/common/optim.cpp)."""
-    f32 = np.float32
-    wd_v = decay * f32(wd)
-    if optimizer == "sgd":
-        d = g + wd_v * p
-        if momentum:
-            b = d if t == 1 else f32(momentum) * m + d
-            m[:] = b
-            d = d + f32(momentum) * b if nesterov else b
-        p -= lr * d
-        return
-    bc1 = 1.0 - beta1 ** t
-    bc2 = 1.0 - beta2 ** t
-    p *= f32(1.0) - lr * wd_v
-    m += f32(1.0 - beta1) * (g - m)
-    v[:] = v * f32(beta2) + f32(1.0 - beta2) * g * g
-    denom = np.sqrt(v) / f32(np.sqrt(bc2)) + f32(eps)
-    p += -f32(lr / bc1) * (m / denom)

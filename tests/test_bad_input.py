@@ -845,3 +845,21 @@ def test_est_unfitted_torch(X):
 
     with pytest.raises(NotFittedError):
         HeadClassifier().predict(torch.from_numpy(X))
+
+
+def test_optimizer_step_names_bad_buffers():
+    p = np.zeros(8, np.float32)  # linear head, 3 features, 2 classes
+    g, m = np.ones(8, np.float32), np.zeros(8, np.float32)
+    kw = dict(step=1, in_features=3, num_classes=2, lr=0.1)
+    with pytest.raises(ValueError, match="grad must have 8 entries"):
+        _core.optimizer_step(p, g[:5], m, **kw)
+    with pytest.raises(ValueError, match="second-moment buffer v"):
+        _core.optimizer_step(p, g, m, optimizer="adamw", **kw)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        _core.optimizer_step(p, g, m, **dict(kw, step=0))
+    with pytest.raises(ValueError, match="optimizer must be"):
+        _core.optimizer_step(p, g, m, optimizer="lamb", **kw)
+    # Weight decay reaches the weights only: with a zero gradient, only W moves.
+    p[:] = 1.0
+    _core.optimizer_step(p, np.zeros(8, np.float32), m, weight_decay=0.5, **kw)
+    np.testing.assert_allclose(p, [0.95] * 6 + [1.0] * 2)
