@@ -151,10 +151,10 @@ def _write_report(folder: str, ft: Any, log: _Printer) -> Dict[str, Any]:
 
 def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     import pyft
-    from pyft.distributed import Ranks, on_rank0, rank_and_world
+    from pyft.distributed import on_rank0, process_group
 
-    rank = rank_and_world()[0]
-    if not args.json and rank == 0:  # under torchrun, rank 0 reports for all
+    ranks = process_group(None)  # main() joined torchrun's group, if any
+    if not args.json and ranks.rank == 0:  # under torchrun, rank 0 reports for all
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = os.path.abspath(args.out)
 
@@ -163,7 +163,7 @@ def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
             raise FileNotFoundError(f"--out {args.out!r}: folder {os.path.dirname(out_dir)!r} "
                                     "does not exist")
 
-    on_rank0(check_out, "checking --out", Ranks(*rank_and_world()))
+    on_rank0(check_out, "checking --out", ranks)
     d = _data(args.data)
     val = _data(args.val, classes=d.classes) if args.val else None
     k: Any = args.k
@@ -176,7 +176,7 @@ def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     ft.fit(d, val)
     model_dir = os.path.join(out_dir, "model")
     report: Dict[str, Any] = {}
-    if rank == 0:  # every rank holds the same model; one writes it
+    if ranks.rank == 0:  # every rank holds the same model; one writes it
         os.makedirs(out_dir, exist_ok=True)
         ft.save(model_dir)
         report = _write_report(os.path.join(out_dir, "report"), ft, log)

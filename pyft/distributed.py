@@ -86,14 +86,17 @@ class Ranks(NamedTuple):
 def process_group(distributed: Any) -> Ranks:
     """The ranks to split work over for a ``distributed=`` argument.
 
-    ``False``: this process alone. A ``torch.distributed`` ``ProcessGroup`` (e.g. from
-    ``dist.new_group``): its members, which must all call the same pyft function. ``None`` (the
+    ``False``: this process alone. A :class:`Ranks`: itself. A ``torch.distributed``
+    ``ProcessGroup`` (e.g. from ``dist.new_group``): its members, which must all call the same
+    pyft function. ``None`` (the
     default of pyft's functions) and ``True``: the initialised default group; without one, a group
     is initialised from torchrun's environment (:func:`init_from_env`) when it describes several
     processes. ``None`` then falls back to this process alone; ``True`` raises a RuntimeError.
     """
     if distributed is False:
         return Ranks(0, 1)
+    if isinstance(distributed, Ranks):  # already resolved (a caller handing on its ranks)
+        return distributed
     import sys
 
     # A process group can only exist if torch.distributed was imported, or under torchrun:

@@ -82,10 +82,10 @@ class FineTuner:
         bfloat16 autocast for end-to-end training; default on for CUDA, off on CPU (where it
         helps only with AMX/AVX-512 BF16, which these machines lack).
     distributed : bool or ProcessGroup, optional
-        Split the work over the initialised ``torch.distributed`` process group (or the
-        ``ProcessGroup`` given) (default: when
-        one is initialised, or initialise it from ``torchrun``'s environment); every rank must
-        then call ``fit``. ``False`` fits in this process alone.
+        Split the work over the initialised ``torch.distributed`` process group, or the
+        ``ProcessGroup`` given (default: when one is initialised, or initialise it from
+        ``torchrun``'s environment); every rank must then call ``fit``. ``False`` fits in this
+        process alone.
     """
 
     def __init__(self, model: Any = "efficientnet_lite0", num_classes: Optional[int] = None,
@@ -140,7 +140,6 @@ class FineTuner:
 
         t0 = time.perf_counter()
         self._ranks = process_group(self.distributed)
-        self._rank, self._world = self._ranks.rank, self._ranks.world
         data = load_data(train, labels)
         counts = np.bincount(data.labels, minlength=len(data.classes))
         if len(data.classes) < 2:
@@ -173,7 +172,7 @@ class FineTuner:
             raise TypeError(f"{model.spec} is a {model.kind} model but the data holds "
                             f"{data.kind}s")
         model.to(self.device)
-        if self._world > 1:  # the ranks split one run: they must hold the same one
+        if self._ranks.world > 1:  # the ranks split one run: they must hold the same one
             from pyft.cache import data_fingerprint
             from pyft.distributed import check_same_on_all_ranks
 
@@ -217,17 +216,17 @@ class FineTuner:
 
     def _evaluate_shared(self, d: LabeledData) -> Dict[str, Any]:
         """:meth:`evaluate`, with the rows split over the ranks and the probabilities gathered."""
-        if self._world <= 1:
+        rank, world, group = self._ranks
+        if world <= 1:
             return self.evaluate(d)
         import torch.distributed as dist
 
-        idx = np.arange(self._rank, len(d), self._world)
-        parts: List[Any] = [None] * self._world
-        dist.all_gather_object(parts, self.predict_proba(take(d.inputs, idx)),
-                               group=self._ranks.group)
+        parts: List[Any] = [None] * world
+        mine = self.predict_proba(take(d.inputs, np.arange(rank, len(d), world)))
+        dist.all_gather_object(parts, mine, group=group)
         p = np.empty((len(d), len(self.classes_)), np.float32)
         for r, part in enumerate(parts):
-            p[r::self._world] = part
+            p[r::world] = part
         return self._metrics(p, d.labels)
 
     def _cache(self, model: Any, d: LabeledData, cut: Any) -> Any:
@@ -235,10 +234,10 @@ class FineTuner:
 
         return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
                                 batch_size=self.batch_size, progress=self.progress,
-                                distributed=self._ranks.group if self._ranks.group is not None
-                                else self._world > 1)
+                                distributed=self._ranks)
 
     def _fit_head_only(self, model: Any, tr: LabeledData, va: LabeledData) -> None:
+        from pyft.distributed import on_rank0
         from pyft.heads import HeadClassifier
 
         model.freeze("head_only")
@@ -253,8 +252,6 @@ class FineTuner:
             W[classes] = clf.coef_
             b[classes] = clf.intercept_
             return W, b, int(clf.n_iter_), float(clf.score(e_va.features, e_va.labels))
-
-        from pyft.distributed import on_rank0
 
         W, b, iters, acc = on_rank0(fit_head, "fitting the head", self._ranks)
         with torch.no_grad():
@@ -285,7 +282,7 @@ class FineTuner:
         """
         from pyft import distributed as pdist
 
-        world = self._world
+        world = self._ranks.world
         params = [p for g in groups for p in g["params"]]
         opt, sched = self._optimizer(groups, steps_per_epoch * self.epochs)
         best, best_state, bad = math.inf, None, 0
@@ -357,7 +354,7 @@ class FineTuner:
             return
         e_tr, e_va = self._cache(model, tr, k), self._cache(model, va, k)
         steps = math.ceil(len(e_tr) / self.batch_size)
-        rank, world = self._rank, self._world
+        rank, world, _ = self._ranks
 
         def train_batches(epoch: int):
             for x, y in e_tr.batches(self.batch_size, seed=self.seed, epoch=epoch):
@@ -381,7 +378,7 @@ class FineTuner:
     def _end_to_end_loop(self, model: Any, groups: List[Dict[str, Any]], tr: LabeledData,
                          va: LabeledData) -> None:
         dev = self.device
-        rank, world = self._rank, self._world
+        rank, world, _ = self._ranks
 
         def to_dev(x: Any) -> Any:
             if isinstance(x, dict):
