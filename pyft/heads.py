@@ -99,8 +99,13 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         same objective as ``LogisticRegression``). ``"sgd"``/``"adamw"``: mini-batch training.
         ``"auto"`` picks L-BFGS for the linear head and AdamW for the MLP.
     C : float, default=1.0
-        Inverse L2 strength for L-BFGS, as in ``LogisticRegression`` (the penalty is
-        ``||W||^2 / (2 C n)`` on the mean loss; biases are not penalised).
+        Inverse L2 strength for L-BFGS, with ``LogisticRegression(C=C)``'s meaning: the fit
+        minimises ``C * sum_i w_i loss_i + ||W||^2 / 2`` (``w_i`` the class weights; biases are
+        not penalised), so ``coef_`` and ``intercept_`` match scikit-learn's up to a constant
+        shift of the intercepts. With two classes scikit-learn fits one weight vector ``w``
+        where this head keeps one row per class, ``w = W[1] - W[0]``; the penalty is then
+        ``||W||^2`` (which is ``||w||^2 / 2`` at the optimum ``W[0] = -W[1]``), so that
+        ``C`` still means the same.
     lr : float or None, default=None
         Peak learning rate of SGD/AdamW; ``None`` means 0.1 for SGD and 1e-3 for AdamW.
     weight_decay : float, default=1e-4
@@ -413,12 +418,16 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     def _fit_lbfgs(self, params, X, bf16, y, num_classes, class_weights, n_threads):
         n = X.shape[0]
         weight_sum = float(class_weights[y].sum()) if class_weights is not None else float(n)
+        # LogisticRegression's objective is C sum_i w_i loss_i + ||w||^2 / 2 with one vector w
+        # for two classes; softmax rows W[0], W[1] with w = W[1] - W[0] meet at W[0] = -W[1],
+        # where ||W||^2 / 2 = ||w||^2 / 4: twice the strength restores sklearn's C.
+        l2 = (2.0 if num_classes == 2 else 1.0) / (float(self.C) * weight_sum)
         on_iter, history, close = self._monitor(int(self.max_iter), "it", ("objective",))
         try:
             res = _core.train_head_lbfgs(
                 params, X, y, num_classes=num_classes, bfloat16=bf16,
                 class_weights=class_weights, label_smoothing=float(self.label_smoothing),
-                l2=1.0 / (float(self.C) * weight_sum), max_iter=int(self.max_iter),
+                l2=l2, max_iter=int(self.max_iter),
                 tol=float(self.tol), n_threads=n_threads, callback=on_iter,
             )
         finally:

@@ -513,3 +513,86 @@ def test_int_and_list_input():
     np.testing.assert_allclose(clf.params_, ref.params_)
     clf2 = HeadClassifier(random_state=0).fit(X.tolist(), y.tolist())
     assert clf2.score(X, y) > 0.9
+
+
+# --------------------------------------------------------------------------------------------
+# C means what it means in LogisticRegression
+
+
+def _sklearn_objective(W, b, X, y, C, class_weight=None):
+    """C sum_i w_i CE_i + ||W||^2 / 2 in float64: LogisticRegression's objective (multinomial
+    with W of shape (k, d); binary with one row)."""
+    X = np.asarray(X, np.float64)
+    W = np.atleast_2d(np.asarray(W, np.float64))
+    z = X @ W.T + np.asarray(b, np.float64)
+    if W.shape[0] == 1:  # binary: the logit of class 1 against a zero logit for class 0
+        z = np.concatenate([np.zeros_like(z), z], axis=1)
+    z -= z.max(axis=1, keepdims=True)
+    ce = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
+    w = np.ones(len(y)) if class_weight is None else np.asarray(class_weight, np.float64)[y]
+    return C * float((w * ce).sum()) + 0.5 * float((W * W).sum())
+
+
+@pytest.fixture(scope="module")
+def digit_pixels():
+    from pyft import datasets
+
+    return datasets.load_digits()  # 1797 real 8x8 digits, float32 in [0, 1]
+
+
+def _logistic_regression(X, y, C, class_weight=None):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # its OpenMP loss spins badly on a shared machine
+        return LogisticRegression(C=C, tol=1e-10, max_iter=20000,
+                                  class_weight=class_weight).fit(X.astype(np.float64), y)
+
+
+@pytest.mark.parametrize("C", [0.01, 0.1, 1.0])
+def test_C_is_logistic_regression_C_multinomial(digit_pixels, C):
+    X, y = digit_pixels
+    sk = _logistic_regression(X, y, C)
+    hc = HeadClassifier(C=C, tol=1e-7, max_iter=5000, random_state=0).fit(X, y)
+    f_sk = _sklearn_objective(sk.coef_, sk.intercept_, X, y, C)
+    f_hc = _sklearn_objective(hc.coef_, hc.intercept_, X, y, C)
+    assert f_hc == pytest.approx(f_sk, rel=1e-6)
+    scale = np.abs(sk.coef_).max()
+    np.testing.assert_allclose(hc.coef_, sk.coef_, rtol=0, atol=5e-4 * scale)
+    # intercepts are unpenalised, so only their differences are determined (sklearn centres
+    # them); they sit in the flattest directions of the objective (digits has near-constant
+    # border pixels), so float32 features determine them to about 1e-2
+    np.testing.assert_allclose(hc.intercept_ - hc.intercept_.mean(), sk.intercept_, atol=1e-2)
+    np.testing.assert_allclose(hc.predict_proba(X), sk.predict_proba(X.astype(np.float64)),
+                               atol=5e-4)
+    # objective_ is the same function divided by C n
+    assert hc.objective_ == pytest.approx(f_hc / (C * len(y)), rel=1e-5)
+
+
+@pytest.mark.parametrize("C", [0.1, 1.0, 10.0])
+def test_C_is_logistic_regression_C_binary(digit_pixels, C):
+    X, y = digit_pixels
+    keep = (y == 3) | (y == 8)
+    X, y = X[keep], (y[keep] == 8).astype(np.int64)
+    sk = _logistic_regression(X, y, C)
+    hc = HeadClassifier(C=C, tol=1e-7, max_iter=5000, random_state=0).fit(X, y)
+    w = hc.coef_[1] - hc.coef_[0]  # sklearn's one vector for two classes
+    b = hc.intercept_[1] - hc.intercept_[0]
+    f_sk = _sklearn_objective(sk.coef_, sk.intercept_, X, y, C)
+    assert _sklearn_objective(w[None], [b], X, y, C) == pytest.approx(f_sk, rel=1e-6)
+    np.testing.assert_allclose(w, sk.coef_[0], rtol=0, atol=5e-4 * np.abs(sk.coef_).max())
+    assert b == pytest.approx(sk.intercept_[0], abs=5e-3)
+    np.testing.assert_allclose(hc.decision_function(X), sk.decision_function(X), atol=5e-3)
+
+
+def test_C_is_logistic_regression_C_with_class_weight(digit_pixels):
+    X, y = digit_pixels
+    weights = {c: 0.5 + 0.25 * c for c in range(10)}
+    sk = _logistic_regression(X, y, 0.5, class_weight=weights)
+    hc = HeadClassifier(C=0.5, class_weight=weights, tol=1e-7, max_iter=5000,
+                        random_state=0).fit(X, y)
+    cw = [weights[c] for c in range(10)]
+    f_sk = _sklearn_objective(sk.coef_, sk.intercept_, X, y, 0.5, cw)
+    assert _sklearn_objective(hc.coef_, hc.intercept_, X, y, 0.5, cw) == pytest.approx(f_sk,
+                                                                                       rel=1e-6)
+    np.testing.assert_allclose(hc.coef_, sk.coef_, rtol=0, atol=5e-4 * np.abs(sk.coef_).max())
