@@ -16,7 +16,12 @@ user would otherwise write, in one run.
     python bench/bench_end_to_end.py --quick         # smoke run
 
 Each timing is the median of --repeats runs where it is cheap (extraction, warm cache) and one
-run for the E-epoch loops. Last line: one JSON object.
+run for the E-epoch loops. Correctness gates, checked before any ratio is printed: the cached
+features equal the bare forward's within float16 rounding; the warm run reuses the entry; the
+naive and pyft heads, and the suffixes trained on recomputed and on cached prefix outputs (same
+batch order), end at the same loss and accuracy on the training data within noise. If any check
+fails the script prints why, reports no speed-up and exits with status 1.
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -73,7 +78,35 @@ def train_suffix(suffix, params, batches_fn, epochs):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return loss.item()
+    return suffix
+
+
+@torch.no_grad()
+def loss_and_accuracy(module, features, y, bs=256):
+    """Mean cross-entropy and accuracy of ``module`` (eval mode) on float32 ``features``."""
+    module.eval()
+    tot, correct = 0.0, 0
+    yt = torch.as_tensor(y)
+    for i in range(0, len(y), bs):
+        out = module(torch.as_tensor(np.asarray(features[i:i + bs], np.float32)))
+        tot += float(nn.functional.cross_entropy(out, yt[i:i + bs], reduction="sum"))
+        correct += int((out.argmax(1) == yt[i:i + bs]).sum())
+    return tot / len(y), correct / len(y)
+
+
+def agree(a, b):
+    """Two (loss, accuracy) pairs of the same training, up to sample order or float16 inputs."""
+    return abs(a[0] - b[0]) <= 0.05 * max(a[0], 0.02) + 0.01 and abs(a[1] - b[1]) <= 0.02
+
+
+FAILED = []
+
+
+def check(ok, what):
+    if not ok:
+        FAILED.append(what)
+        print(f"CORRECTNESS FAILED: {what}; no speed-up reported", file=sys.stderr)
+    return ok
 
 
 def main(argv=None):
@@ -103,8 +136,8 @@ def main(argv=None):
     # -- 3. extraction throughput against a bare forward ------------------------------------
     def bare_forward():
         with torch.inference_mode():
-            for i in range(0, args.n, bs):
-                model.features(model.preprocess(imgs[i:i + bs]))
+            return torch.cat([model.features(model.preprocess(imgs[i:i + bs]))
+                              for i in range(0, args.n, bs)]).numpy()
 
     bare, extract = [], []
     # Warm-up: the first forward pays for oneDNN primitive creation and thread start-up.
@@ -112,15 +145,22 @@ def main(argv=None):
         model.features(model.preprocess(imgs[:bs]))
     for _ in range(args.repeats):
         t = time.perf_counter()
-        bare_forward()
+        ref = bare_forward()
         bare.append(time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            extract_features(model, imgs, y, cache_dir=d, batch_size=bs, progress=False)
+            e = extract_features(model, imgs, y, cache_dir=d, batch_size=bs, progress=False)
             extract.append(time.perf_counter() - t)
+            cached = np.asarray(e.features, np.float32)
     t_bare, t_extract = statistics.median(bare), statistics.median(extract)
-    print(f"extraction: bare forward {t_bare:.2f} s, pyft extract+store {t_extract:.2f} s, "
-          f"throughput ratio {t_bare / t_extract:.2f}x (target >= 0.9)", file=sys.stderr)
+    # float16 storage: |x - fp16(x)| <= 2^-11 |x| (+ subnormal spacing)
+    feat_err = float(np.max(np.abs(cached - ref) - 2.0 ** -11 * np.abs(ref)))
+    if check(cached.shape == ref.shape and feat_err <= 1e-6,
+             f"cached features differ from the bare forward beyond float16 rounding "
+             f"({feat_err:.2e})"):
+        print(f"extraction: bare forward {t_bare:.2f} s, pyft extract+store {t_extract:.2f} s, "
+              f"throughput ratio {t_bare / t_extract:.2f}x (target >= 0.9); features equal "
+              "within float16 rounding", file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as cache_dir:
         # -- 1. head_only -----------------------------------------------------------------
@@ -138,14 +178,21 @@ def main(argv=None):
         t_head = time.perf_counter() - t
         t_pyft = t_ext + t_head
         limit = (E * t_bare) / (t_bare + t_head)
-        acc_pyft = clf.score(entry.features, entry.labels)
-        with torch.inference_mode():
-            acc_naive = float((head(torch.from_numpy(np.asarray(entry.features, np.float32)))
-                               .argmax(1).numpy() == y).mean())
-        print(f"head_only E={E}: naive loop {t_naive:.1f} s, pyft {t_pyft:.2f} s "
-              f"(extract {t_ext:.2f} + heads {t_head:.3f}); ratio {t_naive / t_pyft:.1f}x, "
-              f"limit {limit:.1f}x, target {0.8 * E:.1f}x; train accuracy naive {acc_naive:.3f} "
-              f"pyft {acc_pyft:.3f}", file=sys.stderr)
+        head_pyft = nn.Linear(model.head.in_features, model.num_classes)
+        with torch.no_grad():
+            head_pyft.weight.copy_(torch.from_numpy(clf.coef_))
+            head_pyft.bias.copy_(torch.from_numpy(clf.intercept_))
+        la_pyft = loss_and_accuracy(head_pyft, entry.features, y)
+        la_naive = loss_and_accuracy(head, entry.features, y)
+        head_ok = check(agree(la_naive, la_pyft),
+                        f"head_only: naive head loss/accuracy {la_naive[0]:.4f}/{la_naive[1]:.4f}"
+                        f", pyft {la_pyft[0]:.4f}/{la_pyft[1]:.4f}")
+        if head_ok:
+            print(f"head_only E={E}: naive loop {t_naive:.1f} s, pyft {t_pyft:.2f} s "
+                  f"(extract {t_ext:.2f} + heads {t_head:.3f}); ratio {t_naive / t_pyft:.1f}x, "
+                  f"limit {limit:.1f}x, target {0.8 * E:.1f}x; train loss/accuracy naive "
+                  f"{la_naive[0]:.4f}/{la_naive[1]:.3f}, pyft {la_pyft[0]:.4f}/{la_pyft[1]:.3f}",
+                  file=sys.stderr)
 
         # -- 4. warm cache ----------------------------------------------------------------
         warm = []
@@ -153,10 +200,11 @@ def main(argv=None):
             t = time.perf_counter()
             e2 = extract_features(model, imgs, y, cache_dir=cache_dir, batch_size=bs, progress=False)
             warm.append(time.perf_counter() - t)
-            assert e2.reused
         t_warm = statistics.median(warm)
-        print(f"warm cache: {t_warm * 1000:.1f} ms (no backbone pass; cold extraction {t_ext:.2f} s)",
-              file=sys.stderr)
+        if check(e2.reused and np.array_equal(np.asarray(e2.features), np.asarray(entry.features)),
+                 "the warm run did not reuse the cold run's entry unchanged"):
+            print(f"warm cache: {t_warm * 1000:.1f} ms (no backbone pass; cold extraction "
+                  f"{t_ext:.2f} s)", file=sys.stderr)
 
         # -- 2. freeze_first(k) -------------------------------------------------------------
         k = model.block_index(int(args.k) if str(args.k).isdigit() else args.k)
@@ -188,30 +236,46 @@ def main(argv=None):
             ent = extract_features(m, imgs, y, cut=k, cache_dir=cache_dir, batch_size=bs,
                                    progress=False)
             return train_suffix(suffix, params,
-                                lambda epoch: ent.batches(bs, seed=0, epoch=epoch), E)
+                                lambda epoch: ent.batches(bs, seed=0, epoch=epoch), E), ent
 
         t = time.perf_counter()
-        loss_re = run_recompute()
+        suffix_re = run_recompute()
         t_re = time.perf_counter() - t
         t = time.perf_counter()
-        loss_ca = run_cached()
+        suffix_ca, ent = run_cached()
         t_ca = time.perf_counter() - t
-        print(f"freeze_first(k={k}, {model.blocks[k - 1].name}) E={E}: recompute prefix "
-              f"{t_re:.1f} s, cached prefix {t_ca:.1f} s; ratio {t_re / t_ca:.1f}x (target >= 3); "
-              f"final loss {loss_re:.3f} vs {loss_ca:.3f}", file=sys.stderr)
+        la_re = loss_and_accuracy(suffix_re, ent.features, y)
+        la_ca = loss_and_accuracy(suffix_ca, ent.features, y)
+        ff_ok = check(agree(la_re, la_ca),
+                      f"freeze_first: suffix on the recomputed prefix ends at loss/accuracy "
+                      f"{la_re[0]:.4f}/{la_re[1]:.4f}, on the cached prefix {la_ca[0]:.4f}/"
+                      f"{la_ca[1]:.4f}")
+        if ff_ok:
+            print(f"freeze_first(k={k}, {model.blocks[k - 1].name}) E={E}: recompute prefix "
+                  f"{t_re:.1f} s, cached prefix {t_ca:.1f} s; ratio {t_re / t_ca:.1f}x (target "
+                  f">= 3); train loss/accuracy {la_re[0]:.4f}/{la_re[1]:.3f} vs "
+                  f"{la_ca[0]:.4f}/{la_ca[1]:.3f}", file=sys.stderr)
 
+    ok = not FAILED
     summary = {
         "bench": "end_to_end", "model": "efficientnet_lite0", "image_size": args.image_size,
         "n": args.n, "epochs": E,
-        "head_only_ratio": t_naive / t_pyft, "head_only_limit": limit, "head_only_target": 0.8 * E,
-        "head_only_naive_s": t_naive, "head_only_pyft_s": t_pyft,
-        "freeze_first_k": k, "freeze_first_ratio": t_re / t_ca, "freeze_first_target": 3.0,
-        "extraction_throughput_ratio": t_bare / t_extract, "extraction_target": 0.9,
+        "correct": ok, "failed_checks": FAILED,
+        "head_only_ratio": t_naive / t_pyft if ok else None, "head_only_limit": limit,
+        "head_only_target": 0.8 * E, "head_only_naive_s": t_naive, "head_only_pyft_s": t_pyft,
+        "head_only_train_loss_accuracy": {"naive": la_naive, "pyft": la_pyft},
+        "freeze_first_k": k, "freeze_first_ratio": t_re / t_ca if ok else None,
+        "freeze_first_target": 3.0, "freeze_first_recompute_s": t_re,
+        "freeze_first_cached_s": t_ca,
+        "freeze_first_train_loss_accuracy": {"recompute": la_re, "cached": la_ca},
+        "extraction_throughput_ratio": t_bare / t_extract if ok else None,
+        "extraction_target": 0.9, "extraction_max_excess_over_fp16_rounding": feat_err,
         "warm_cache_s": t_warm, "cold_extract_s": t_ext,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
     }
     print(json.dumps(summary))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

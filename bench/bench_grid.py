@@ -10,7 +10,9 @@ Standalone script (no pytest). At (N, D, C) = (50000, 512, 10) float32 features,
 2. 5-fold CV x 16 heads (5 ``train_heads`` calls, each on its 80 % ``train_rows`` and validated
    on its held-out ``val_rows``) against a single head's ``train_head`` run on all rows.
 
-Correctness is checked first (grid head h == train_head with lrs[h] on a subsample). Seconds are
+Correctness is checked first (grid head h == train_head with lrs[h] on a subsample; the heads of
+a CV fold == train_head on that fold's rows); a failure exits with status 1 before any timing.
+Seconds are
 medians of --repeats runs; runs that other processes slowed down are re-run (see Meter in
 bench_head_training.py). The roofline is flops / measured peak sgemm rate, with
 flops = 4 N D C per head and epoch (forward logits and weight gradient; frozen features need no
@@ -61,7 +63,31 @@ def check_correctness(X, y, C, lrs, momentum):
     for h in range(len(lrs)):
         p = P0[h].copy()
         _core.train_head(p, Xs, ys, lr=float(lrs[h]), **kw)
-        np.testing.assert_allclose(P[h], p, rtol=1e-5, atol=1e-5, err_msg=f"head {h}")
+        if not np.allclose(P[h], p, rtol=1e-5, atol=1e-5):
+            raise SystemExit(f"CORRECTNESS FAILED: grid head {h} (lr {lrs[h]:g}) differs from its "
+                             f"train_head run by {np.max(np.abs(P[h] - p)):.2e}; no timing")
+        worst = max(worst, float(np.max(np.abs(P[h] - p))))
+    return worst
+
+
+def check_cv_correctness(X, y, C, lrs, momentum, splits):
+    """A fold of the timed CV (train_rows / val_rows) equals train_head on those rows."""
+    tr, va = splits[0]
+    tr, va = tr[:4000], va[:1000]
+    D = X.shape[1]
+    p0 = pyft.init_head_params("linear", D, C, seed=0)
+    P = np.tile(p0, (2, 1))
+    kw = dict(num_classes=C, optimizer="sgd", momentum=momentum, epochs=1, batch_size=256, seed=0)
+    _core.train_heads(P, X, y, lrs=lrs[:2], weight_decays=np.zeros(2), train_rows=tr,
+                      val_rows=va, **kw)
+    worst = 0.0
+    for h in range(2):
+        p = p0.copy()
+        _core.train_head(p, np.ascontiguousarray(X[tr]), y[tr], lr=float(lrs[h]), **kw)
+        if not np.allclose(P[h], p, rtol=1e-5, atol=1e-5):
+            raise SystemExit(f"CORRECTNESS FAILED: CV head {h} on train_rows differs from "
+                             f"train_head on those rows by {np.max(np.abs(P[h] - p)):.2e}; "
+                             "no timing")
         worst = max(worst, float(np.max(np.abs(P[h] - p))))
     return worst
 
@@ -139,8 +165,14 @@ def main(argv=None):
     p0 = pyft.init_head_params("linear", D, C, seed=0)
     P0 = np.tile(p0, (H, 1))
 
+    from sklearn.model_selection import StratifiedKFold
+
+    splits = [(tr.astype(np.int64), va.astype(np.int64)) for tr, va in
+              StratifiedKFold(K, shuffle=True, random_state=0).split(np.zeros(N), y)]
     worst = check_correctness(X, y, C, lrs, args.momentum)
-    log(f"correctness: {H} grid heads == {H} train_head runs (max |diff| {worst:.2e})")
+    worst_cv = check_cv_correctness(X, y, C, lrs, args.momentum, splits)
+    log(f"correctness: {H} grid heads == {H} train_head runs (max |diff| {worst:.2e}); a CV "
+        f"fold's heads == train_head on the fold's rows (max |diff| {worst_cv:.2e})")
     peaks = measure_peaks(args.quick)
     peak = peaks["sgemm_gflops"]
     log(f"peak sgemm {peak:.1f} GFLOP/s (numpy {peaks['sgemm_gflops_numpy']:.1f}, torch "
@@ -167,10 +199,6 @@ def main(argv=None):
         log(f"{H} sequential PyTorch loops        {t_torch:8.3f} s   grid speed-up "
             f"{t_torch / t_grid:.2f}x")
 
-    from sklearn.model_selection import StratifiedKFold
-
-    splits = [(tr.astype(np.int64), va.astype(np.int64)) for tr, va in
-              StratifiedKFold(K, shuffle=True, random_state=0).split(np.zeros(N), y)]
     t_cv = measure(lambda: sum(run_grid(P0, X, y, C, lrs, args, tr, va) for tr, va in splits))
     log(f"{K}-fold CV x {H} heads              {t_cv:8.3f} s   = {t_cv / t_single:.2f}x one "
         f"head's run (target <= {CV_TARGET}x)")
@@ -213,7 +241,7 @@ def main(argv=None):
         reliable=reliable, measured_peak_gflops=measured_peak, peak_gflops_used=peak,
         shape=[N, D, C], heads=H, folds=K, epochs=E, batch_size=args.batch_size,
         pyft_threads=_core.num_threads(args.threads), torch_threads=torch.get_num_threads(),
-        max_abs_diff_vs_train_head=worst, peaks=peaks,
+        max_abs_diff_vs_train_head=worst, max_abs_diff_cv_fold=worst_cv, peaks=peaks,
         seconds=dict(grid=t_grid, single=t_single, sequential_pyft=t_seq,
                      sequential_torch=t_torch, cv=t_cv),
         speedup_vs_sequential_pyft=t_seq / t_grid,
