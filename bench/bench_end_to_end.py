@@ -50,15 +50,25 @@ def _batches(n, bs, perm):
 
 
 def naive_head_only(model, imgs, y, epochs, bs, lr, seed):
-    """The loop a PyTorch user writes: frozen body under no_grad every epoch, then the head."""
-    torch.manual_seed(seed)
-    head = nn.Linear(model.head.in_features, model.num_classes)
+    """The loop a PyTorch user writes: frozen body under no_grad every epoch, then the head.
+
+    For the correctness check it starts from pyft's initial head and draws pyft's sample order
+    (``_core.epoch_permutation``), so the two runs differ only by the cache's float16 rounding;
+    neither changes what a step costs.
+    """
+    from pyft import _core
+
+    d, c = model.head.in_features, model.num_classes
+    p0 = pyft.init_head_params("linear", d, c, seed=seed)
+    head = nn.Linear(d, c)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(p0[:c * d].reshape(c, d)))
+        head.bias.copy_(torch.from_numpy(p0[c * d:]))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     model.eval()
     yt = torch.as_tensor(y)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g).numpy()
+    for epoch in range(epochs):
+        perm = np.asarray(_core.epoch_permutation(len(y), seed, epoch))
         for idx in _batches(len(y), bs, perm):
             with torch.no_grad():
                 f = model.features(model.preprocess(imgs[idx]))

@@ -252,6 +252,9 @@ DEMO_STRATEGIES = ("advised", "head_only", "freeze_first", "full")
 DEMO_IMAGE_SIZE = 64
 DEMO_EPOCHS = 6
 DEMO_ADVISE_BUDGET = 20.0
+# AdamW rate of the new head when the advice recommends none (pretrained layers train at 0.1x):
+# with it, freeze_first(11) at 64 px reaches 0.969 held-out accuracy in 6 epochs on MNIST-5k
+DEMO_LR = 3e-3
 
 
 def _demo_dataset(args: argparse.Namespace) -> Tuple[str, Any, Any, Any, Any]:
@@ -536,7 +539,7 @@ def _cmd_demo(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
                            "image_size": args.image_size, "epochs": args.epochs}
     adv, out["advice"] = _demo_advise(model, Xtr, ytr, args, log)
     strategy, k = _demo_choice(adv, model, args, log)
-    lr = args.lr or out["advice"]["lr"] or 1e-3
+    lr = args.lr or out["advice"]["lr"] or DEMO_LR
     pretrained = copy.deepcopy(model)  # for the naive loop: training changes ``model``
     model, classes, pred, out["run"] = _demo_train(model, strategy, k, lr, Xtr, ytr, Xte, yte,
                                                    args, log)
@@ -578,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
     d.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
     d.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the advice's, else 1e-3)")
+                   help=f"learning rate (default: the advice's, else {DEMO_LR:g})")
     d.add_argument("--strategy", choices=DEMO_STRATEGIES, default="advised",
                    help="run this instead of what the advice says")
     d.add_argument("--advise-budget", type=float, default=DEMO_ADVISE_BUDGET,
