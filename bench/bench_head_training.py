@@ -493,14 +493,18 @@ def load_real_datasets():
     return out
 
 
-def fit_quietly(make, X, y):
+def fit_quietly(make, X, y, threads=0):
     """Seconds of ``make().fit(X, y)`` and the fitted estimator (convergence warnings muted: the
-    iterations and the objective reached are reported instead)."""
+    iterations and the objective reached are reported instead). ``threads`` > 0 caps the
+    OpenMP/BLAS pools of both libraries (threadpoolctl) for the measurement."""
+    import contextlib
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
 
-    with warnings.catch_warnings():
+    limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
+    with warnings.catch_warnings(), limit:
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = make()
         t = time.perf_counter()
@@ -517,9 +521,11 @@ def bench_sklearn(args, results, synth):
     if synth is not None:
         datasets.append(synth)
     Cinv = 1.0
+    threads = args.lbfgs_threads
     makers = {
         "sklearn": lambda: LogisticRegression(C=Cinv, max_iter=LBFGS_MAX_ITER),
-        "pyft": lambda: pyft.HeadClassifier(C=Cinv, max_iter=LBFGS_MAX_ITER, random_state=0),
+        "pyft": lambda: pyft.HeadClassifier(C=Cinv, max_iter=LBFGS_MAX_ITER, random_state=0,
+                                            n_threads=threads or None),
     }
     for name, X_all, y_all in datasets:
         X, Xte, y, yte = train_test_split(X_all, y_all, test_size=0.2, random_state=0,
@@ -527,13 +533,13 @@ def bench_sklearn(args, results, synth):
         n, d = X.shape
         c = int(y_all.max()) + 1
         for make in makers.values():  # warm-up: page-in, thread pools
-            fit_quietly(make, X, y)
+            fit_quietly(make, X, y, threads)
             pause()
         times = {k: [] for k in makers}
         fitted = {}
         for r in range(args.repeats):
             for who in (makers if r % 2 == 0 else reversed(list(makers))):
-                dt, fitted[who] = METER(lambda: fit_quietly(makers[who], X, y))
+                dt, fitted[who] = METER(lambda: fit_quietly(makers[who], X, y, threads))
                 times[who].append(dt)
         sk, hc = fitted["sklearn"], fitted["pyft"]
         obj = {"sklearn": logreg_objective(sk.coef_, sk.intercept_, X, y, Cinv),
@@ -547,6 +553,7 @@ def bench_sklearn(args, results, synth):
         ratio = sk_s / hc_s if same else None
         row = dict(
             dataset=name, N=n, N_test=len(yte), D=d, C=c, C_reg=Cinv, tol=1e-4,
+            threads=threads or "default",
             max_iter=LBFGS_MAX_ITER, sklearn_s=sk_s, sklearn_s_all=times["sklearn"],
             pyft_s=hc_s, pyft_s_all=times["pyft"], sklearn_iters=iters["sklearn"],
             pyft_iters=iters["pyft"], sklearn_objective=obj["sklearn"],
@@ -624,6 +631,10 @@ def parse_args(argv=None):
     ap.add_argument("--kernel-classes", type=str, default="2,4,10")
     ap.add_argument("--no-dataloader", action="store_true")
     ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--lbfgs-threads", type=int, default=0,
+                    help="threads for both L-BFGS fits (0: each library's default, all cores); "
+                         "1 is robust to other processes on a shared machine, whose OpenMP "
+                         "barriers otherwise wait for descheduled threads")
     ap.add_argument("--no-training", action="store_true")
     ap.add_argument("--contention-threshold", type=float, default=0.05,
                     help="re-run a measurement when this process's threads waited for a CPU "
@@ -704,7 +715,7 @@ def main(argv=None):
     if not args.no_sklearn:
         log(f"\n== L-BFGS: LogisticRegression(C=1).fit vs HeadClassifier(C=1).fit, each at its "
             f"default tol (1e-4), max_iter={LBFGS_MAX_ITER}; 80/20 split, held-out accuracy; "
-            f"median of {args.repeats} ==")
+            f"median of {args.repeats}; threads: {args.lbfgs_threads or 'default'} ==")
         n, d, c = 50000, 512, 10
         Xs, ys = make_data(n, d, c, seed=1)
         synth = ("synthetic", Xs, ys)
