@@ -117,7 +117,15 @@ std::optional<DLView> cuda_tensor(py::handle obj, const char* name, StreamHandle
                "%s is on an unsupported device (DLPack device type %d); pyft takes host arrays "
                "or CUDA tensors", name, type);
     // In DLPack's numbering 1 is the legacy default stream; 0 is not allowed for CUDA.
-    cap = obj.attr("__dlpack__")("stream"_a = stream == 0 ? StreamHandle(1) : stream);
+    try {
+      cap = obj.attr("__dlpack__")("stream"_a = stream == 0 ? StreamHandle(1) : stream);
+    } catch (py::error_already_set& e) {
+      // torch refuses tensors that require grad, and tensors on a device other than the current
+      // one: name the argument and say what the producer said.
+      if (!e.matches(PyExc_BufferError)) throw;
+      PYFT_CHECK(false, "%s could not be exported through DLPack: %s (pass a detached tensor, "
+                 "with its device current: torch.cuda.device(t.device))", name, e.what());
+    }
   } else {
     return std::nullopt;
   }
