@@ -203,11 +203,13 @@ void check_same_device(const std::optional<DLView>& v, int device, const char* n
              place_str(device).c_str(), place_str(got).c_str());
 }
 
+/// A host argument must already be a NumPy array (as the py::array parameters these replace
+/// required): no silent conversion of lists or other objects.
 py::array as_host_array(py::handle obj, const char* name) {
-  py::array a = py::array::ensure(obj);
-  if (!a) throw py::type_error(format("%s must be an array (NumPy, or a tensor on the CPU or a "
-                                      "CUDA device); got %s", name, type_name(obj).c_str()));
-  return a;
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(format("%s must be a NumPy array (or, in CUDA builds, a CUDA tensor); "
+                                "got %s", name, type_name(obj).c_str()));
+  return py::reinterpret_borrow<py::array>(obj);
 }
 
 /// Labels as a contiguous int64 vector (labels are small; copying them is fine).

@@ -276,7 +276,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     def _features(self, X, *, reset: bool, allow_cuda: bool = False):
         """Validate X without copying float data; returns (array, is_bfloat16). With allow_cuda,
         a CUDA tensor comes back as it is (for the CUDA trainer)."""
-        arr, bf16 = (as_feature_array(X, "X", allow_cuda=allow_cuda) if _is_special_float(X)
+        arr, bf16 = (as_feature_array(X, allow_cuda=allow_cuda) if _is_special_float(X)
                      else (None, False))
         if arr is not None:
             # bfloat16 / torch input: scikit-learn's validation cannot read it; check here.
