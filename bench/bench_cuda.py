@@ -272,8 +272,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=4, help="pyft epochs per batch size")
     ap.add_argument("--torch-epochs", type=int, default=3)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 4096])
-    ap.add_argument("--sweep-epochs", type=int, default=5)
-    ap.add_argument("--sweep-batch", type=int, default=1024)
+    ap.add_argument("--sweep-epochs", type=int, default=10, help="fit_grid's default")
+    ap.add_argument("--sweep-batch", type=int, default=256, help="fit_grid's default")
     ap.add_argument("--skip", nargs="*", default=[], choices=["head", "gather", "sweep", "onnx"])
     args = ap.parse_args(argv)
     if _core.cuda_version() < 0:
