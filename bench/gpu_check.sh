@@ -51,7 +51,8 @@ cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSKBUILD_PROJECT_VE
 cmake --build build/gpu -j "$(nproc)" >"$logs/build.log" 2>&1 || { tail -40 "$logs/build.log"; exit 1; }
 rm -f pyft/_core*.so
 cp build/gpu/_core*.so pyft/
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# PYFT_ENABLE_CUDA=ON tells tests/test_package.py which build to expect.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYFT_ENABLE_CUDA=ON
 "$py" -c 'from pyft import _core; print("pyft CUDA", _core.cuda_version(), _core.cuda_kernels(), "devices", _core.cuda_device_count())'
 
 stamp "pytest -m cuda"
