@@ -495,6 +495,10 @@ class GridTrainer {
                                       cudaMemcpyHostToDevice, s));
     PYFT_CUDA_CHECK(cudaMemcpy2DAsync(b_.get(), C_ * 4, params_ + C_ * D_, P * 4, C_ * 4, H_,
                                       cudaMemcpyHostToDevice, s));
+    // The GEMMs write Z and gW with beta = 0 (read from device memory, so cuBLAS cannot skip
+    // the C operand at launch time): start them at zero, never at uninitialised NaN patterns.
+    PYFT_CUDA_CHECK(cudaMemsetAsync(Z_.get(), 0, Z_.bytes(), s));
+    PYFT_CUDA_CHECK(cudaMemsetAsync(gW_.get(), 0, gW_.bytes(), s));
     if (mW_.get()) {
       PYFT_CUDA_CHECK(cudaMemsetAsync(mW_.get(), 0, mW_.bytes(), s));
       PYFT_CUDA_CHECK(cudaMemsetAsync(mb_.get(), 0, mb_.bytes(), s));
