@@ -29,13 +29,21 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/pyft-site .whl/*.whl
   export PYTHONPATH="/tmp/pyft-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# CMake finds nvcc on the PATH (or through CUDACXX); the toolkit's usual folder as a fallback.
+if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$py" - <<'EOF'
-import importlib, sys
+import importlib.util, os, sys, sysconfig
 missing = [m for m in ("torch", "numpy", "sklearn", "pybind11", "pytest", "scipy_openblas32")
            if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_check: missing Python packages: {missing}")
+# CMake's Development.Module needs the interpreter's headers: fail here, not after a minute.
+inc = sysconfig.get_paths()["include"]
+if not os.path.isfile(os.path.join(inc, "Python.h")):
+    sys.exit(f"gpu_check: no Python.h in {inc} (the Python development headers are missing)")
 import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_check: torch sees no CUDA device")

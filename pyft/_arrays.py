@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import contextlib
+from typing import Any, ContextManager, Dict, Tuple
 
 import numpy as np
 
@@ -27,6 +28,17 @@ def cuda_kwargs(x: Any) -> Dict[str, Any]:
     import torch
 
     return {"stream": torch.cuda.current_stream(x.device).cuda_stream}
+
+
+def cuda_device(x: Any) -> ContextManager[Any]:
+    """Makes the device of CUDA tensor ``x`` current for a native call (a no-op for host
+    arrays): torch exports a tensor through DLPack only from its own device, so a tensor on
+    cuda:1 would otherwise be refused while cuda:0 is current."""
+    if not is_cuda_tensor(x):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(x.device)
 
 
 def torch_to_numpy(x: Any, name: str = "features") -> Tuple[np.ndarray, bool]:

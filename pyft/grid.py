@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from pyft import _core
-from pyft._arrays import as_feature_array, cuda_kwargs
+from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs
 from pyft.heads import _holdout, _labels_1d, init_head_params
 
 __all__ = ["fit_grid", "default_lrs", "GridResult", "BASE_LRS"]
@@ -221,8 +221,10 @@ def fit_grid(
         if mine.size == 0:
             continue
         params = np.tile(init, (mine.size, 1))  # a fresh head per grid point and fold
-        res = _core.train_heads(params, X, y, lrs=lr_grid[mine], weight_decays=wd_grid[mine],
-                                train_rows=tr, val_rows=va, **common)
+        with cuda_device(X):  # torch exports a tensor from its own device only
+            res = _core.train_heads(params, X, y, lrs=lr_grid[mine],
+                                    weight_decays=wd_grid[mine], train_rows=tr, val_rows=va,
+                                    **common)
         last = res["history"][-1]
         acc[k, mine], loss[k, mine] = last["val_accuracy"], last["val_loss"]
     if world > 1:
@@ -249,8 +251,9 @@ def fit_grid(
         order = np.argsort(np.where(valid, table["val_loss_mean"], np.inf), kind="stable")
     best = int(order[0])
     params = init.copy()
-    refit = _core.train_head(params, X, y, lr=float(lr_grid[best]),
-                             weight_decay=float(wd_grid[best]), **common)
+    with cuda_device(X):
+        refit = _core.train_head(params, X, y, lr=float(lr_grid[best]),
+                                 weight_decay=float(wd_grid[best]), **common)
     return GridResult(params_=params, classes_=classes, best_index_=best,
                       best_lr_=float(lr_grid[best]), best_weight_decay_=float(wd_grid[best]),
                       table_=table, fold_=fold, n_folds_=len(splits), seed_=int(seed),

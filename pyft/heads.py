@@ -19,7 +19,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pyft import _core
-from pyft._arrays import as_feature_array, cuda_kwargs, is_cuda_tensor
+from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs, is_cuda_tensor
 
 __all__ = ["HeadClassifier", "init_head_params", "head_param_count"]
 
@@ -472,24 +472,25 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         on_epoch, history, close = self._monitor(int(self.epochs), "epoch",
                                                  ("train_loss", "val_loss"))
         try:
-            res = _core.train_head(
-                params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
-                activation=self.activation, train_rows=train_rows, val_features=val_X,
-                val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
-                label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
-                weight_decay=float(self.weight_decay),
-                momentum=float(self.momentum) if solver == "sgd" else 0.0,
-                nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
-                beta2=float(self.beta2),
-                eps=float(self.eps), schedule=self.schedule,
-                warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
-                min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
-                gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch,
-                seed=seed, dropout=float(self.dropout),
-                patience=int(self.patience) if (self.early_stopping and val_X is not None) else 0,
-                min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
-                **cuda_kwargs(X),
-            )
+            with cuda_device(X):  # torch exports a tensor from its own device only
+                res = _core.train_head(
+                    params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
+                    activation=self.activation, train_rows=train_rows, val_features=val_X,
+                    val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
+                    label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
+                    weight_decay=float(self.weight_decay),
+                    momentum=float(self.momentum) if solver == "sgd" else 0.0,
+                    nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
+                    beta2=float(self.beta2),
+                    eps=float(self.eps), schedule=self.schedule,
+                    warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
+                    min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
+                    gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch,
+                    seed=seed, dropout=float(self.dropout),
+                    patience=int(self.patience) if (self.early_stopping and val_X is not None) else 0,
+                    min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
+                    **cuda_kwargs(X),
+                )
         finally:
             close()
         self.n_iter_ = int(res["epochs_run"])

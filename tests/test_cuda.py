@@ -294,6 +294,40 @@ def test_train_head_matches_cpu_other_dtypes(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("C", [130, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_head_many_classes_and_unaligned_rows(C, dtype):
+    # C >= 128 runs the softmax kernel with 4 (C < 512) or 8 warps per row, so its block
+    # reductions go through shared memory (the tests above, C < 128, use one warp); label
+    # smoothing with class weights takes every reduction. D = 30 gives rows of 120 or 60 bytes:
+    # the element-wise gather instead of the 16-byte one.
+    _need_gpu()
+    X, y = _data(800, 30, C, seed=C)
+    Xt = torch.from_numpy(X).to(dtype)
+    cw = np.random.default_rng(1).uniform(0.5, 2.0, C).astype(np.float32)
+    kw = dict(num_classes=C, epochs=3, batch_size=96, seed=4, optimizer="sgd", lr=0.3,
+              momentum=0.9, weight_decay=0.01, label_smoothing=0.1, class_weights=cw)
+    p = pyft.init_head_params("linear", 30, C, seed=5)
+    if dtype == torch.bfloat16:
+        Xh = Xt.view(torch.int16).numpy()
+        cpu, rc = _train(p, Xh, y, val_features=Xh[:200], val_labels=y[:200], bfloat16=True, **kw)
+        tol = dict(rtol=0.05, atol=0.02)
+    else:
+        cpu, rc = _train(p, X, y, val_features=X[:200], val_labels=y[:200], **kw)
+        tol = dict(rtol=1e-3, atol=1e-4)
+    Xg = Xt.cuda()
+    gpu, rg = _train(p, Xg, y, val_features=Xg[:200], val_labels=y[:200], **kw)
+    assert rg["kernel"] == "cuda"
+    np.testing.assert_allclose(gpu, cpu, **tol)
+    rel = 1e-3 if dtype == torch.float32 else 2e-2
+    for a, b in zip(rg["history"], rc["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=rel)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel)
+    # the weights moved well beyond the tolerance: a kernel that skipped the update fails
+    assert np.median(np.abs(cpu - p)) > 0.05
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_train_head_matches_pytorch_cuda_loop(optimizer):
     _need_gpu()
