@@ -21,16 +21,23 @@ def _close(out, ref):
 
 # ---------------------------------------------------------------------------- torch.fx
 FX_MODELS = [
-    ("timm:resnet18", 32, [1, 2, 4, 5]),
-    ("timm:convnext_atto", 32, [1, 3, 5, 6]),
-    ("timm:efficientnet_b0", 32, [1, 2, 5, 8]),
-    ("timm:vit_tiny_patch16_224", None, [1, 2, 7, 13]),  # a transformer: cut between blocks
+    ("timm:resnet18", 32, [1, 2, 5]),
+    ("timm:convnext_atto", 32, [1, 3, 6]),
+    ("timm:efficientnet_b0", 32, [1, 5, 8]),
     ("torchvision:regnet_x_400mf", 32, [1, 3, 6]),
-    ("torchvision:densenet121", 32, [2, 5, 10]),  # dense connections inside blocks only
+    ("torchvision:mobilenet_v3_small", 32, [14]),  # past the adapter's features: torch.fx
+    pytest.param("timm:vit_tiny_patch16_224", None, [1, 2, 7, 13],  # a transformer
+                 marks=pytest.mark.slow),
+    pytest.param("torchvision:densenet121", 32, [2, 5, 10],  # dense connections inside blocks
+                 marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("spec, size, ks", FX_MODELS, ids=[m[0] for m in FX_MODELS])
+def _fx_id(p):
+    return (p.values if hasattr(p, "values") else p)[0]
+
+
+@pytest.mark.parametrize("spec, size, ks", FX_MODELS, ids=[_fx_id(m) for m in FX_MODELS])
 def test_fx_split_is_exact(spec, size, ks):
     pytest.importorskip(spec.split(":")[0])
     torch.manual_seed(0)
@@ -49,7 +56,8 @@ def test_fx_split_is_exact(spec, size, ks):
             feats = prefix(x)
             torch.testing.assert_close(feats, tap, rtol=0, atol=0)  # the cached activation
             _close(suffix(feats), ref)
-            assert split_support(m, k)[0]
+    ok, reason = split_support(m, ks[-1])
+    assert ok and "torch.fx" in reason
 
 
 def test_fx_split_trains_like_the_model():
