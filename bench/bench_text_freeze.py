@@ -19,10 +19,12 @@ of both arms (full model forward on held-out articles). The warm runs must end w
 weights as the cold run (the cache is reused exactly), and the accuracies must agree within
 --tolerance, else the script exits 1 and reports no speed-up.
 
-What to expect: a warm run costs the suffix's training, one layer forward and backward (about
-2.75 layer-forwards per token, the input gradient of the first projections being skipped); the
-recompute loop adds five frozen layer-forwards, so per epoch the ratio cannot exceed about
-(5 + 2.75) / 2.75 = 2.8x at k=6, less at smaller k. The cold run also pays one prefix pass.
+What to expect: a warm run costs the suffix's training, one layer's forward and backward in
+training mode; the recompute loop adds the five frozen layers' forward. Counting matrix products
+only, the ratio could reach about (5 + 2.75) / 2.75 = 2.8x at k=6; measured on this 2-core CPU,
+the trained layer (dropout, the math attention path, layer-norm and GELU backward) costs about as
+much as the five frozen forwards, so expect about 2x (less at smaller k). The cold run also pays
+one prefix pass.
 
     python bench/bench_text_freeze.py            # about 3 minutes on 2 idle cores
     python bench/bench_text_freeze.py --quick    # smoke run
