@@ -15,6 +15,8 @@
 #include "common/blas.h"
 #include "common/check.h"
 #include "common/convert.h"
+#include "common/device.h"
+#include "common/dlpack.h"
 #include "common/head_math.h"
 #include "common/optim.h"
 #include "common/parallel.h"
@@ -67,6 +69,147 @@ Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
   m.row_stride = a.strides(0);
   m.col_stride = a.strides(1);
   return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA arrays arrive through DLPack (a torch CUDA tensor, CuPy array or a "dltensor" capsule).
+
+/// A device tensor borrowed for the duration of a call. The capsule is never consumed (renamed to
+/// "used_dltensor"): holding it keeps the producer's memory alive, and its own destructor calls
+/// the deleter once the call is over.
+struct DLView {
+  py::object capsule;
+  const dlpack::Tensor* t = nullptr;
+  int device = kHost;
+  void* data() const { return static_cast<char*>(t->data) + t->byte_offset; }
+  int64_t shape(int d) const { return t->shape[d]; }
+  /// Stride of dimension d in elements (DLPack's null strides mean C-contiguous).
+  int64_t stride(int d) const {
+    if (t->strides) return t->strides[d];
+    int64_t s = 1;
+    for (int k = t->ndim - 1; k > d; --k) s *= t->shape[k];
+    return s;
+  }
+  std::string describe() const {
+    std::string s = "(";
+    for (int d = 0; d < t->ndim; ++d) s += (d ? ", " : "") + std::to_string(t->shape[d]);
+    return s + (t->ndim == 1 ? ",)" : ")");
+  }
+};
+
+std::string type_name(py::handle obj) {
+  return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
+}
+
+/// The DLPack view of `obj` when it lives on a CUDA device (exported for the consumer stream
+/// `stream`, so the producer orders its pending work before ours); nullopt for anything else,
+/// which then takes the NumPy path.
+std::optional<DLView> cuda_tensor(py::handle obj, const char* name, StreamHandle stream) {
+  if (obj.is_none() || py::isinstance<py::array>(obj)) return std::nullopt;
+  py::object cap;
+  if (PyCapsule_CheckExact(obj.ptr())) {
+    cap = py::reinterpret_borrow<py::object>(obj);
+  } else if (py::hasattr(obj, "__dlpack_device__") && py::hasattr(obj, "__dlpack__")) {
+    py::tuple dev = obj.attr("__dlpack_device__")();
+    const int type = dev[0].cast<int>();
+    if (type == dlpack::kCPU || type == dlpack::kCUDAHost) return std::nullopt;
+    PYFT_CHECK(type == dlpack::kCUDA || type == dlpack::kCUDAManaged,
+               "%s is on an unsupported device (DLPack device type %d); pyft takes host arrays "
+               "or CUDA tensors", name, type);
+    // In DLPack's numbering 1 is the legacy default stream; 0 is not allowed for CUDA.
+    try {
+      cap = obj.attr("__dlpack__")("stream"_a = stream == 0 ? StreamHandle(1) : stream);
+    } catch (py::error_already_set& e) {
+      // torch refuses tensors that require grad, and tensors on a device other than the current
+      // one: name the argument and say what the producer said.
+      if (!e.matches(PyExc_BufferError)) throw;
+      PYFT_CHECK(false, "%s could not be exported through DLPack: %s (pass a detached tensor, "
+                 "with its device current: torch.cuda.device(t.device))", name, e.what());
+    }
+  } else {
+    return std::nullopt;
+  }
+  PYFT_CHECK(PyCapsule_IsValid(cap.ptr(), "dltensor"),
+             "%s must be a DLPack capsule named 'dltensor' that has not been consumed yet", name);
+  auto* mt = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+  PYFT_CHECK(mt != nullptr, "%s: empty DLPack capsule", name);
+  DLView v;
+  v.capsule = cap;
+  v.t = &mt->dl_tensor;
+  const int type = v.t->device.device_type;
+  PYFT_CHECK(type == dlpack::kCUDA || type == dlpack::kCUDAManaged,
+             "%s: pyft takes DLPack capsules of CUDA tensors only (host arrays as NumPy); got "
+             "DLPack device type %d", name, type);
+  v.device = v.t->device.device_id;
+  PYFT_CHECK(v.t->dtype.lanes == 1, "%s must have scalar elements; got %d lanes", name,
+             (int)v.t->dtype.lanes);
+  return v;
+}
+
+/// The element type of a CUDA feature tensor (bfloat16=True reads 16-bit integers as bf16 bits).
+DType cuda_feature_dtype(const DLView& v, const char* name, bool bfloat16) {
+  const auto code = v.t->dtype.code;
+  const auto bits = v.t->dtype.bits;
+  if (bfloat16 && bits == 16 && (code == dlpack::kInt || code == dlpack::kUInt || code == dlpack::kBfloat))
+    return DType::BF16;
+  if (code == dlpack::kBfloat && bits == 16) return DType::BF16;
+  if (code == dlpack::kFloat && bits == 32) return DType::F32;
+  if (code == dlpack::kFloat && bits == 16) return DType::F16;
+  if (code == dlpack::kFloat && bits == 64) return DType::F64;
+  PYFT_CHECK(false, "%s must be float32, float16, bfloat16 or float64; got a CUDA tensor with "
+             "DLPack type code %d, %d bits", name, (int)code, (int)bits);
+  return DType::F32;
+}
+
+/// A 2-D feature view over a CUDA tensor (strides in bytes, as Matrix wants).
+Matrix cuda_matrix(const DLView& v, const char* name, bool bfloat16) {
+  PYFT_CHECK(v.t->ndim == 2,
+             "%s must be a 2-D tensor (n_samples, n_features); got %d dimension(s)", name,
+             (int)v.t->ndim);
+  Matrix m;
+  m.dtype = cuda_feature_dtype(v, name, bfloat16);
+  const int64_t item = dtype_size(m.dtype);
+  m.data = v.data();
+  m.rows = v.shape(0);
+  m.cols = v.shape(1);
+  m.row_stride = v.stride(0) * item;
+  m.col_stride = v.stride(1) * item;
+  m.device = v.device;
+  return m;
+}
+
+/// A 1-D int64 CUDA tensor with unit stride (indices, labels).
+const int64_t* cuda_int64_vector(const DLView& v, const char* name, int64_t* n) {
+  PYFT_CHECK(v.t->ndim == 1 && v.t->dtype.code == dlpack::kInt && v.t->dtype.bits == 64,
+             "%s on a CUDA device must be a 1-D int64 tensor; got %d-D with DLPack type code %d, "
+             "%d bits", name, (int)v.t->ndim, (int)v.t->dtype.code, (int)v.t->dtype.bits);
+  PYFT_CHECK(v.shape(0) <= 1 || v.stride(0) == 1,
+             "%s on a CUDA device must be contiguous; got stride %lld", name,
+             (long long)v.stride(0));
+  *n = v.shape(0);
+  return static_cast<const int64_t*>(v.data());
+}
+
+/// Host-side checks that a device mix is deliberate: every CUDA argument on `device`.
+std::string place_str(int device) {
+  return device == kHost ? std::string("host memory") : "cuda:" + std::to_string(device);
+}
+
+/// Arguments of one call must live together: `name` where `ref` is (device or kHost).
+void check_same_device(const std::optional<DLView>& v, int device, const char* name,
+                       const char* ref) {
+  const int got = v ? v->device : kHost;
+  PYFT_CHECK(got == device, "%s must be in the same place as %s (%s); got %s", name, ref,
+             place_str(device).c_str(), place_str(got).c_str());
+}
+
+/// A host argument must already be a NumPy array (as the py::array parameters these replace
+/// required): no silent conversion of lists or other objects.
+py::array as_host_array(py::handle obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(format("%s must be a NumPy array (or, in CUDA builds, a CUDA tensor); "
+                                "got %s", name, type_name(obj).c_str()));
+  return py::reinterpret_borrow<py::array>(obj);
 }
 
 /// Labels as a contiguous int64 vector (labels are small; copying them is fine).
@@ -261,11 +404,37 @@ void optimizer_step_py(py::array params, py::array grad, py::array m, std::optio
   for (auto& r : spec.bias_ranges()) update(r.first, r.second, 0.0f);
 }
 
-py::dict train_head_py(py::array params, py::array features, py::array labels,
+/// Labels from a host array or a CUDA int64 tensor (copied to the host: they are validated
+/// there, and the trainers keep a host copy for batch normalisers).
+py::array_t<int64_t> labels_from(py::handle obj, const char* name, int64_t n, int64_t classes,
+                                 StreamHandle stream) {
+  if (const std::optional<DLView> v = cuda_tensor(obj, name, stream)) {
+    int64_t count = 0;
+    const int64_t* p = cuda_int64_vector(*v, name, &count);
+    PYFT_CHECK(count == n, "%s must have one entry per feature row (%lld); got %lld", name,
+               (long long)n, (long long)count);
+    py::array_t<int64_t> host(count);
+    int64_t* h = host.mutable_data();
+    py::gil_scoped_release release;
+    cuda_copy_to_host(h, p, count * 8, v->device, stream);
+    return host;
+  }
+  return to_labels(as_host_array(obj, name), name, n, classes);
+}
+
+/// Features as a Matrix over a host array (kept alive in `hold`) or a CUDA tensor (`dl`).
+Matrix features_from(py::handle obj, const char* name, bool bfloat16, StreamHandle stream,
+                     py::array* hold, std::optional<DLView>* dl) {
+  *dl = cuda_tensor(obj, name, stream);
+  if (*dl) return cuda_matrix(**dl, name, bfloat16);
+  *hold = as_host_array(obj, name);
+  return to_matrix(*hold, name, bfloat16);
+}
+
+py::dict train_head_py(py::array params, py::object features, py::object labels,
                        const std::string& head, int64_t num_classes, int64_t hidden_size,
                        const std::string& activation, std::optional<py::array> train_rows,
-                       std::optional<py::array> val_features,
-                       std::optional<py::array> val_labels, bool bfloat16,
+                       py::object val_features, py::object val_labels, bool bfloat16,
                        std::optional<py::array> class_weights, double label_smoothing,
                        const std::string& optimizer, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, double beta1,
@@ -273,11 +442,14 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
                        int64_t warmup_steps, double min_lr_ratio, int64_t step_size, double gamma,
                        int64_t epochs, int64_t batch_size, bool shuffle, bool drop_last,
                        uint64_t seed, double dropout, int64_t patience, double min_delta,
-                       int n_threads, const std::string& kernel, std::optional<py::function> callback) {
-  Matrix X = to_matrix(features, "features", bfloat16);
+                       int n_threads, const std::string& kernel, std::optional<py::function> callback,
+                       StreamHandle stream, bool cuda_graphs) {
+  py::array X_hold, Xv_hold;
+  std::optional<DLView> X_dl, Xv_dl;
+  Matrix X = features_from(features, "features", bfloat16, stream, &X_hold, &X_dl);
   HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
   float* p = params_ptr(params, spec.num_params());
-  auto y = to_labels(labels, "labels", X.rows, num_classes);
+  auto y = labels_from(labels, "labels", X.rows, num_classes, stream);
   RowSubset subset;
   py::array_t<int64_t> rows_arr;
   if (train_rows) {
@@ -287,16 +459,18 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
   }
   std::optional<Matrix> Xv;
   py::array_t<int64_t> yv;
-  PYFT_CHECK(val_features.has_value() == val_labels.has_value(),
+  PYFT_CHECK(val_features.is_none() == val_labels.is_none(),
              "val_features and val_labels must be given together");
-  if (val_features) {
-    Xv = to_matrix(*val_features, "val_features", bfloat16);
-    yv = to_labels(*val_labels, "val_labels", Xv->rows, num_classes);
+  if (!val_features.is_none()) {
+    Xv = features_from(val_features, "val_features", bfloat16, stream, &Xv_hold, &Xv_dl);
+    yv = labels_from(val_labels, "val_labels", Xv->rows, num_classes, stream);
   }
   WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
 
   TrainOptions opt;
   set_optimizer_and_schedule(opt, optimizer, schedule);
+  opt.stream = stream;
+  opt.cuda_graphs = cuda_graphs;
   opt.lr = lr;
   opt.weight_decay = weight_decay;
   opt.momentum = momentum;
@@ -348,7 +522,8 @@ py::dict train_head_py(py::array params, py::array features, py::array labels,
                   "best_epoch"_a = res.best_epoch, "stopped_early"_a = res.stopped_early,
                   "stopped_by_callback"_a = res.stopped_by_callback, "history"_a = hist,
                   "threads"_a = resolve_threads(n_threads),
-                  "kernel"_a = use_fused_kernel(spec, opt.kernel) ? "fused" : "blas");
+                  "kernel"_a = X.device != kHost ? "cuda"
+                               : use_fused_kernel(spec, opt.kernel) ? "fused" : "blas");
 }
 
 /// A 1-D float64 vector of one value per head (lrs, weight_decays; lists are converted).
@@ -378,19 +553,22 @@ py::dict grid_epoch_dict(const GridEpochStats& st, const py::array_t<double>& lr
   return d;
 }
 
-py::dict train_heads_py(py::array params, py::array features, py::array labels,
+py::dict train_heads_py(py::array params, py::object features, py::object labels,
                         int64_t num_classes, py::array_t<double, py::array::c_style | py::array::forcecast> lrs,
                         py::array_t<double, py::array::c_style | py::array::forcecast> weight_decays,
-                        std::optional<py::array> train_rows, std::optional<py::array> val_features,
-                        std::optional<py::array> val_labels, std::optional<py::array> val_rows,
+                        std::optional<py::array> train_rows, py::object val_features,
+                        py::object val_labels, std::optional<py::array> val_rows,
                         bool bfloat16, std::optional<py::array> class_weights,
                         double label_smoothing, const std::string& optimizer, double momentum,
                         double dampening, bool nesterov, double beta1, double beta2, double eps,
                         const std::string& schedule, int64_t warmup_steps, double min_lr_ratio,
                         int64_t step_size, double gamma, int64_t epochs, int64_t batch_size,
                         bool shuffle, bool drop_last, uint64_t seed, int n_threads,
-                        std::optional<py::function> callback) {
-  Matrix X = to_matrix(features, "features", bfloat16);
+                        std::optional<py::function> callback, StreamHandle stream,
+                        bool cuda_graphs) {
+  py::array X_hold, Xv_hold;
+  std::optional<DLView> X_dl, Xv_dl;
+  Matrix X = features_from(features, "features", bfloat16, stream, &X_hold, &X_dl);
   HeadSpec spec = make_spec("linear", X.cols, 0, num_classes, "relu");
   const int64_t P = spec.num_params();
   PYFT_CHECK(params.ndim() == 2 && params.dtype().kind() == 'f' && params.itemsize() == 4,
@@ -407,7 +585,7 @@ py::dict train_heads_py(py::array params, py::array features, py::array labels,
   float* p = static_cast<float*>(params.mutable_data());
   auto lr_arr = to_per_head(lrs, "lrs", heads);
   auto wd_arr = to_per_head(weight_decays, "weight_decays", heads);
-  auto y = to_labels(labels, "labels", X.rows, num_classes);
+  auto y = labels_from(labels, "labels", X.rows, num_classes, stream);
   RowSubset subset;
   py::array_t<int64_t> rows_arr, vrows_arr;
   if (train_rows) {
@@ -415,16 +593,16 @@ py::dict train_heads_py(py::array params, py::array features, py::array labels,
     subset.rows = rows_arr.data();
     subset.count = rows_arr.shape(0);
   }
-  PYFT_CHECK(val_features.has_value() == val_labels.has_value(),
+  PYFT_CHECK(val_features.is_none() == val_labels.is_none(),
              "val_features and val_labels must be given together");
-  PYFT_CHECK(!(val_features && val_rows),
+  PYFT_CHECK(val_features.is_none() || !val_rows,
              "give either val_features/val_labels or val_rows (rows of features), not both");
   std::optional<Matrix> Xv;
   py::array_t<int64_t> yv;
   ValidationSet val;
-  if (val_features) {
-    Xv = to_matrix(*val_features, "val_features", bfloat16);
-    yv = to_labels(*val_labels, "val_labels", Xv->rows, num_classes);
+  if (!val_features.is_none()) {
+    Xv = features_from(val_features, "val_features", bfloat16, stream, &Xv_hold, &Xv_dl);
+    yv = labels_from(val_labels, "val_labels", Xv->rows, num_classes, stream);
     val.X = &*Xv;
     val.labels = yv.data();
     val.count = Xv->rows;
@@ -454,6 +632,8 @@ py::dict train_heads_py(py::array params, py::array features, py::array labels,
   opt.drop_last = drop_last;
   opt.seed = seed;
   opt.n_threads = n_threads;
+  opt.stream = stream;
+  opt.cuda_graphs = cuda_graphs;
 
   PyErrorSlot slot;
   std::vector<GridEpochStats> history;
@@ -608,14 +788,80 @@ py::array_t<int64_t> to_indices(const py::array& a, int64_t n_rows) {
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
-py::object gather_rows_py(const py::array& src, const py::array& indices, const py::object& out,
-                          int n_threads, bool bfloat16) {
+/// gather_rows for a CUDA src: indices on the host or the same device, out a CUDA float32 tensor.
+py::object gather_rows_cuda(const DLView& sv, py::handle indices, py::handle out, bool bfloat16,
+                            StreamHandle stream) {
+  const DType dtype = cuda_feature_dtype(sv, "src", bfloat16);
+  const int ndim = sv.t->ndim;
+  const int64_t item = dtype_size(dtype);
+  std::vector<int64_t> shape(ndim), strides(ndim);
+  for (int d = 0; d < ndim; ++d) {
+    shape[d] = sv.shape(d);
+    strides[d] = sv.stride(d) * item;
+  }
+  Matrix m = gather_source(sv.data(), dtype, ndim, shape.data(), strides.data(), "src");
+  m.device = sv.device;
+  GatherPlacement place;
+  place.stream = stream;
+  const int64_t* idx_ptr = nullptr;
+  int64_t count = 0;
+  py::array_t<int64_t> host_idx;
+  const std::optional<DLView> iv = cuda_tensor(indices, "indices", stream);
+  if (iv) {
+    idx_ptr = cuda_int64_vector(*iv, "indices", &count);
+    place.indices_device = iv->device;
+  } else {
+    host_idx = to_indices(as_host_array(indices, "indices"), m.rows);
+    idx_ptr = host_idx.data();
+    count = host_idx.shape(0);
+  }
+  std::vector<int64_t> full{count}, flat{count, m.cols};
+  for (int d = 1; d < ndim; ++d) full.push_back(shape[d]);
+  PYFT_CHECK(!out.is_none(),
+             "out is required when src is a CUDA tensor (the core allocates no device memory for "
+             "results): pass torch.empty(%s, dtype=torch.float32, device='cuda:%d')",
+             shape_str(std::vector<py::ssize_t>(full.begin(), full.end())).c_str(), sv.device);
+  const std::optional<DLView> ov = cuda_tensor(out, "out", stream);
+  check_same_device(ov, sv.device, "out", "src");
+  PYFT_CHECK(ov->t->dtype.code == dlpack::kFloat && ov->t->dtype.bits == 32,
+             "out must be float32; got DLPack type code %d, %d bits", (int)ov->t->dtype.code,
+             (int)ov->t->dtype.bits);
+  std::vector<int64_t> got(ov->t->shape, ov->t->shape + ov->t->ndim);
+  PYFT_CHECK(got == full || got == flat,
+             "out must have shape %s (len(indices), *src.shape[1:]); got %s",
+             shape_str(std::vector<py::ssize_t>(full.begin(), full.end())).c_str(),
+             ov->describe().c_str());
+  int64_t expect = 1;
+  bool contiguous = true;
+  for (int d = ov->t->ndim - 1; d >= 0; --d) {
+    if (ov->shape(d) != 1 && ov->stride(d) != expect) contiguous = false;
+    expect *= ov->shape(d);
+  }
+  PYFT_CHECK(contiguous, "out must be C-contiguous (it is filled row by row)");
+  place.out_device = ov->device;
+  float* o = static_cast<float*>(ov->data());
+  {
+    py::gil_scoped_release release;
+    gather(m, idx_ptr, count, o, m.cols, 0, place);
+  }
+  return py::reinterpret_borrow<py::object>(out);
+}
+
+py::object gather_rows_py(const py::object& src_obj, const py::object& indices,
+                          const py::object& out, int n_threads, bool bfloat16,
+                          StreamHandle stream) {
+  if (const std::optional<DLView> sv = cuda_tensor(src_obj, "src", stream))
+    return gather_rows_cuda(*sv, indices, out, bfloat16, stream);
+  PYFT_CHECK(!cuda_tensor(indices, "indices", stream) && !cuda_tensor(out, "out", stream),
+             "src is in host memory but indices or out are on a CUDA device; the gather runs "
+             "where src lives: pass host arrays, or move src to the GPU");
+  const py::array src = as_host_array(src_obj, "src");
   const DType dtype = feature_dtype(src, "src", bfloat16);
   const int ndim = static_cast<int>(src.ndim());
   std::vector<int64_t> shape(src.shape(), src.shape() + ndim);
   std::vector<int64_t> strides(src.strides(), src.strides() + ndim);
   const Matrix m = gather_source(src.data(), dtype, ndim, shape.data(), strides.data(), "src");
-  const py::array_t<int64_t> idx = to_indices(indices, m.rows);
+  const py::array_t<int64_t> idx = to_indices(as_host_array(indices, "indices"), m.rows);
   const int64_t count = idx.shape(0);
 
   std::vector<py::ssize_t> full{count}, flat{count, m.cols};
@@ -677,12 +923,18 @@ PYBIND11_MODULE(_core, m) {
         "step_size"_a = 1, "gamma"_a = 0.1, "epochs"_a = 10, "batch_size"_a = 256,
         "shuffle"_a = true, "drop_last"_a = false, "seed"_a = 0, "dropout"_a = 0.0,
         "patience"_a = 0, "min_delta"_a = 0.0, "n_threads"_a = 0, "kernel"_a = "auto",
-        "callback"_a = py::none(),
+        "callback"_a = py::none(), "stream"_a = 0, "cuda_graphs"_a = true,
         R"doc(Train a head in place with mini-batch SGD or AdamW; one native call, GIL released.
 
 params: 1-D float32 (linear: W (C*D) | b (C); mlp: W1 (H*D) | b1 (H) | W2 (C*H) | b2 (C)),
 updated in place. features: 2-D float32/float16/bfloat16/float64, any strides (never copied
-whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch history.)doc");
+whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch history.
+
+CUDA (builds with PYFT_ENABLE_CUDA=ON; linear head): features (and val_features) as CUDA tensors
+(__dlpack__ or a DLPack capsule) with contiguous rows, float32/float16/bfloat16/float64; labels
+host arrays or int64 tensors; params stay a host array, updated after every epoch. The run is
+ordered after `stream` (the caller's cudaStream_t as an int; 0: legacy default stream) and ends
+synchronised; cuda_graphs=True replays each epoch as one CUDA graph (with epochs >= 2).)doc");
 
   m.def("train_heads", &train_heads_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
         "num_classes"_a, "lrs"_a, "weight_decays"_a, "train_rows"_a = py::none(),
@@ -692,14 +944,16 @@ whole). labels: integers in [0, num_classes). Returns a dict with the per-epoch 
         "beta1"_a = 0.9, "beta2"_a = 0.999, "eps"_a = 1e-8, "schedule"_a = "constant",
         "warmup_steps"_a = 0, "min_lr_ratio"_a = 0.0, "step_size"_a = 1, "gamma"_a = 0.1,
         "epochs"_a = 10, "batch_size"_a = 256, "shuffle"_a = true, "drop_last"_a = false,
-        "seed"_a = 0, "n_threads"_a = 0, "callback"_a = py::none(),
+        "seed"_a = 0, "n_threads"_a = 0, "callback"_a = py::none(), "stream"_a = 0,
+        "cuda_graphs"_a = true,
         R"doc(Train H linear heads together in place, each with its own lr and weight decay.
 
 params: 2-D float32 (H, C*D + C), row h = head h's flat layout W (C*D) | b (C), updated in place.
 lrs, weight_decays: H values each. Every head sees the same batches (seed), so each batch is
 gathered once and multiplied against all heads' weights in one GEMM; head h follows train_head
 with lr=lrs[h], weight_decay=weight_decays[h]. Validation on val_features/val_labels or on rows
-val_rows of features (no copy). Returns a dict whose history holds per-head arrays per epoch.)doc");
+val_rows of features (no copy). Returns a dict whose history holds per-head arrays per epoch.
+CUDA features: as train_head (one GEMM for all heads per batch; at most 65535 heads).)doc");
 
   m.def("train_head_lbfgs", &train_head_lbfgs_py, "params"_a, "features"_a, "labels"_a,
         py::kw_only(), "num_classes"_a, "bfloat16"_a = false, "class_weights"_a = py::none(),
@@ -720,7 +974,7 @@ val_rows of features (no copy). Returns a dict whose history holds per-head arra
         "Logits, softmax probabilities or argmax labels for every row of features.");
 
   m.def("gather_rows", &gather_rows_py, "src"_a, "indices"_a, "out"_a = py::none(),
-        "n_threads"_a = 0, py::kw_only(), "bfloat16"_a = false,
+        "n_threads"_a = 0, py::kw_only(), "bfloat16"_a = false, "stream"_a = 0,
         R"doc(Gather rows of src by index into float32: out[r] = float32(src[indices[r]]).
 
 src: (n_rows, ...) float32/float16/bfloat16/float64 NumPy array or np.memmap (read-only is
@@ -730,7 +984,14 @@ flattened. indices: 1-D integer array, any order, repeats allowed, each in [0, n
 out: None (a new array is returned) or a writeable C-contiguous float32 array of shape
 (len(indices), *src.shape[1:]) or (len(indices), prod(src.shape[1:])), filled in place and
 returned. Conversion is exact (as ndarray.astype(np.float32)); rows are split over n_threads
-(0: all) with the GIL released.)doc");
+(0: all) with the GIL released.
+
+CUDA (builds with PYFT_ENABLE_CUDA=ON): src a CUDA tensor (torch, CuPy: anything with
+__dlpack__, or a DLPack capsule), indices a host array or an int64 tensor on the same device,
+out a C-contiguous float32 tensor on that device (required). The kernel is queued on `stream`
+(a cudaStream_t as an int, e.g. torch.cuda.current_stream().cuda_stream; 0: the legacy default
+stream) and the call returns without waiting, except that device-resident indices are checked
+first. CPU builds raise RuntimeError for CUDA tensors.)doc");
 
   m.def("optimizer_step", &optimizer_step_py, "params"_a, "grad"_a, "m"_a, "v"_a = py::none(),
         py::kw_only(), "step"_a, "head"_a = "linear", "in_features"_a, "num_classes"_a,
@@ -774,11 +1035,19 @@ the gradient elsewhere, e.g. summed over torch.distributed ranks.)doc");
   m.def("blas_config", []() { return std::string(blas_config()); }, "OpenBLAS build configuration.");
   m.def("cuda_version", []() {
 #if defined(PYFT_WITH_CUDA)
-    return PYFT_CUDA_VERSION;  // toolkit version, e.g. 13000 (the kernels arrive in a later change)
+    return PYFT_CUDA_VERSION;  // the toolkit the kernels were compiled with, e.g. 13000
 #else
     return -1;
 #endif
-  }, "CUDA runtime version the core was built with, or -1 for a CPU-only build.");
+  }, "CUDA toolkit version the kernels were built with (e.g. 13000), or -1 for a CPU-only build.");
+  m.def("cuda_kernels", []() {
+    std::vector<std::string> ops;
+    if (built_with_cuda()) ops = {"gather_rows", "train_head", "train_heads"};
+    return ops;
+  }, R"doc(Ops with a CUDA kernel in this build ([] for a CPU-only build). train_head's CUDA kernel
+covers the linear head; train_heads is linear only anyway.)doc");
+  m.def("cuda_device_count", []() { return cuda_device_count(); },
+        "CUDA devices the driver reports (0 without a driver or GPU, and in CPU-only builds).");
   m.def("has_openmp", []() {
 #if defined(PYFT_WITH_OPENMP)
     return true;

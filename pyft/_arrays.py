@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+import contextlib
+from typing import Any, ContextManager, Dict, Tuple
 
 import numpy as np
 
@@ -14,14 +15,42 @@ def is_bfloat16_dtype(dtype: Any) -> bool:
     return getattr(dtype, "name", None) == "bfloat16"
 
 
-def torch_to_numpy(x: Any) -> Tuple[np.ndarray, bool]:
+def is_cuda_tensor(x: Any) -> bool:
+    """True for a torch tensor in CUDA memory."""
+    return type(x).__module__.startswith("torch") and getattr(x, "is_cuda", False)
+
+
+def cuda_kwargs(x: Any) -> Dict[str, Any]:
+    """``stream=`` for a native call on CUDA tensor ``x``: torch's current stream on its device
+    (the core orders its work after it); empty for host arrays."""
+    if not is_cuda_tensor(x):
+        return {}
+    import torch
+
+    return {"stream": torch.cuda.current_stream(x.device).cuda_stream}
+
+
+def cuda_device(x: Any) -> ContextManager[Any]:
+    """Makes the device of CUDA tensor ``x`` current for a native call (a no-op for host
+    arrays): torch exports a tensor through DLPack only from its own device, so a tensor on
+    cuda:1 would otherwise be refused while cuda:0 is current."""
+    if not is_cuda_tensor(x):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(x.device)
+
+
+def torch_to_numpy(x: Any, name: str = "features") -> Tuple[np.ndarray, bool]:
     """A CPU torch tensor as a NumPy view; bfloat16 becomes its uint16 bit pattern."""
     import torch
 
     if x.device.type != "cpu":
         raise ValueError(
-            f"features must be on the CPU for the CPU trainer; got a tensor on {x.device}. "
-            "Call .cpu() first (CUDA tensors are trained natively once pyft is built with CUDA)."
+            f"{name} must be on the CPU for this operation (it has no CUDA kernel); got a tensor "
+            f"on {x.device}. Call .cpu() first. pyft's CUDA kernels (builds with "
+            "PYFT_ENABLE_CUDA=ON) cover gather_rows, mini-batch head training (linear head) and "
+            "fit_grid"
         )
     x = x.detach()
     if x.dtype == torch.bfloat16:
@@ -29,15 +58,29 @@ def torch_to_numpy(x: Any) -> Tuple[np.ndarray, bool]:
     return x.numpy(), False
 
 
-def as_feature_array(x: Any, name: str = "features") -> Tuple[np.ndarray, bool]:
+def as_feature_array(x: Any, name: str = "features",
+                     allow_cuda: bool = False) -> Tuple[Any, bool]:
     """Return ``(array, is_bfloat16)`` for the native core.
 
     float32, float16, float64 and bfloat16 arrays (NumPy, ``np.memmap``, ml_dtypes, torch CPU
     tensors) are passed through as views with their own strides; other numeric arrays are
-    converted to float32. Raises ``TypeError``/``ValueError`` naming ``name`` otherwise.
+    converted to float32. With ``allow_cuda``, a CUDA tensor is returned as it is (detached; the
+    core reads it through DLPack, dtype included, so the flag is False); otherwise it raises
+    ``ValueError``. Raises ``TypeError``/``ValueError`` naming ``name`` otherwise.
     """
+    if allow_cuda and is_cuda_tensor(x):
+        import torch
+
+        if x.ndim != 2:
+            raise ValueError(
+                f"{name} must be a 2-D tensor of shape (n_samples, n_features); got shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64; got {x.dtype}")
+        return x.detach(), False
     if type(x).__module__.startswith("torch"):
-        arr, bf16 = torch_to_numpy(x)
+        arr, bf16 = torch_to_numpy(x, name)
     else:
         if hasattr(x, "toarray") or type(x).__module__.startswith("scipy.sparse"):
             raise TypeError(f"{name} must be a dense array; got sparse {type(x).__name__}")

@@ -1,6 +1,6 @@
 """Type stubs for the native core (csrc/bindings.cpp)."""
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,8 @@ def train_head(
     n_threads: int = 0,
     kernel: str = "auto",
     callback: Optional[Callable[[Dict[str, Any]], Any]] = None,
+    stream: int = 0,
+    cuda_graphs: bool = True,
 ) -> Dict[str, Any]: ...
 def train_heads(
     params: npt.NDArray[np.float32],
@@ -82,6 +84,8 @@ def train_heads(
     seed: int = 0,
     n_threads: int = 0,
     callback: Optional[Callable[[Dict[str, Any]], Any]] = None,
+    stream: int = 0,
+    cuda_graphs: bool = True,
 ) -> Dict[str, Any]: ...
 def train_head_lbfgs(
     params: npt.NDArray[np.float32],
@@ -130,13 +134,14 @@ def predict(
     n_threads: int = 0,
 ) -> np.ndarray: ...
 def gather_rows(
-    src: np.ndarray,
-    indices: npt.NDArray[np.integer],
-    out: Optional[npt.NDArray[np.float32]] = None,
+    src: Any,
+    indices: Any,
+    out: Optional[Any] = None,
     n_threads: int = 0,
     *,
     bfloat16: bool = False,
-) -> npt.NDArray[np.float32]: ...
+    stream: int = 0,
+) -> Any: ...
 def optimizer_step(
     params: npt.NDArray[np.float32],
     grad: npt.NDArray[np.float32],
@@ -172,4 +177,6 @@ def lr_factor(
 def num_threads(requested: int = 0) -> int: ...
 def blas_config() -> str: ...
 def cuda_version() -> int: ...
+def cuda_kernels() -> List[str]: ...
+def cuda_device_count() -> int: ...
 def has_openmp() -> bool: ...

@@ -5,7 +5,10 @@ An entry is a folder ``<root>/<key>/`` holding
 - ``features.bin``: the activations, one row per sample, raw little-endian float16 (default),
   bfloat16 or float32, read back as a read-only ``np.memmap`` without loading it whole;
 - ``labels.npy``: the labels, when given;
-- ``manifest.json``: shape, dtype, the key's parts, and a CRC-32 per chunk of rows.
+- ``<name>.npy``: per-row side arrays the suffix needs besides the activations, e.g. text
+  encoders' ``attention_mask.npy`` (uint8, one row per sample, padded like the hidden states);
+- ``manifest.json``: shape, dtype, the key's parts, and a CRC-32 per chunk of rows (of the
+  activations and of each side array).
 
 The key is a SHA-256 over the frozen weights, the cut point, the preprocessing, the storage
 dtype, the numerics options and a fingerprint of the data (a hash of array bytes or texts, or each
@@ -30,8 +33,8 @@ import shutil
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -112,6 +115,9 @@ class CacheEntry:
         bfloat16 entries are exposed as their uint16 bit pattern (``is_bfloat16``).
     labels : ndarray or None
     manifest : dict
+    extras : dict of str to ndarray
+        Per-row side arrays stored with the activations (text entries cut between encoder
+        layers: ``"attention_mask"``, uint8 of shape (n, tokens)).
     """
 
     path: str
@@ -119,6 +125,7 @@ class CacheEntry:
     labels: Optional[np.ndarray]
     manifest: Dict[str, Any]
     reused: bool
+    extras: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -146,6 +153,10 @@ class CacheEntry:
     def batches(self, batch_size: int = 256, *, shuffle: bool = True, seed: int = 0,
                 epoch: int = 0, drop_last: bool = False, n_threads: int = 0) -> Iterator[Any]:
         """Mini-batches of one epoch as ``(features, labels)`` torch tensors (float32, int64).
+
+        When the entry holds side arrays (``extras``), ``features`` is a dict:
+        ``{"features": tensor, "attention_mask": int64 tensor, ...}``, the same rows of each,
+        ready for ``suffix(**features)``.
 
         Rows are gathered by the native multi-threaded gatherer straight from the memmap into
         one reused float32 buffer (float16/bfloat16 converted on the way): the tensors of a batch
@@ -177,6 +188,9 @@ class CacheEntry:
             else:
                 _core.gather_rows(src, idx, out=out, n_threads=n_threads)
             x = torch.from_numpy(out)
+            if self.extras:
+                x = dict({name: torch.from_numpy(np.asarray(a[idx], np.int64))
+                          for name, a in self.extras.items()}, features=x)
             yield x, (None if labels is None else labels[torch.from_numpy(idx)])
 
 
@@ -284,20 +298,44 @@ class FeatureCache:
         lpath = os.path.join(d, "labels.npy")
         if os.path.exists(lpath):
             labels = np.load(lpath)
-        return CacheEntry(d, feats, labels, man, reused=True)
+        extras = {}
+        for name, info in man.get("extras", {}).items():
+            epath = os.path.join(d, info["file"])
+            try:
+                arr = np.load(epath)
+            except (OSError, ValueError) as e:
+                raise CacheError(f"cache entry {d} is damaged: {info['file']} cannot be read "
+                                 f"({e}); pass rebuild=True to recompute it") from e
+            if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
+                raise CacheError(f"cache entry {d} is damaged: {info['file']} holds "
+                                 f"{arr.dtype} {arr.shape}, the manifest says {info['dtype']} "
+                                 f"{tuple(info['shape'])}; pass rebuild=True to recompute it")
+            if self.verify == "full":
+                rows = man["chunk_rows"]
+                for i, want in enumerate(info["chunk_crc32"]):
+                    if _crc(arr[i * rows:(i + 1) * rows]) != want:
+                        raise CacheError(
+                            f"cache entry {d} is damaged: rows {i * rows}-"
+                            f"{min((i + 1) * rows, shape[0]) - 1} of {info['file']} fail their "
+                            "checksum; pass rebuild=True to recompute it")
+            extras[name] = arr
+        return CacheEntry(d, feats, labels, man, reused=True, extras=extras)
 
     # ------------------------------------------------------------------ writing
     def get_or_compute(self, key_parts: Dict[str, Any], n: int, compute: Any, *, labels: Optional[np.ndarray] = None,
                        dtype: str = "float16", batch_size: int = 64, rebuild: bool = False,
                        progress: bool = True, desc: str = "extracting",
                        meta: Optional[Dict[str, Any]] = None,
-                       dist: Optional[Tuple[int, int, Any]] = None) -> CacheEntry:
+                       dist: Optional[Tuple[int, int, Any]] = None,
+                       extras: Optional[Callable[[], Dict[str, np.ndarray]]] = None) -> CacheEntry:
         """Return the entry for ``key_parts``, computing it with ``compute(start, stop)`` if needed.
 
         ``compute(start, stop)`` returns the float32 activations of samples ``start:stop`` as an
         array of shape ``(stop - start, *row_shape)``; it is called batch by batch, and not at all
         when a complete entry exists. ``meta`` (a dict the computation may fill) is stored in the
-        manifest when the entry is written.
+        manifest when the entry is written. ``extras()``, called once when the entry is
+        written (not on reuse), returns per-row side arrays (first dimension ``n``) stored and
+        checksummed beside the activations (``entry.extras``).
 
         ``dist=(rank, world_size, barrier)`` splits the work over processes that share the cache
         folder (e.g. torch.distributed ranks): chunk ``c`` is computed by rank ``c % world_size``
@@ -331,7 +369,8 @@ class FeatureCache:
             if entry is not None:
                 return entry
             return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
-                                 progress and rank == 0, desc, meta, dist=(rank, world, barrier))
+                                 progress and rank == 0, desc, meta, dist=(rank, world, barrier),
+                                 extras=extras)
         with _file_lock(os.path.join(d, ".lock")):
             if rebuild:
                 self._remove_entry_files(d)
@@ -339,15 +378,36 @@ class FeatureCache:
             if entry is not None:
                 return entry
             return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
-                                 progress, desc, meta)
+                                 progress, desc, meta, extras=extras)
 
     @staticmethod
     def _remove_entry_files(d: str) -> None:
         names = ["manifest.json", "features.bin", "features.partial", "progress.json", "labels.npy"]
-        names += [f for f in os.listdir(d) if f.startswith("progress.rank")]
+        names += [f for f in os.listdir(d) if f.startswith("progress.rank")
+                  or (f.endswith(".npy") and f != "labels.npy")]
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(d, name))
+
+    @staticmethod
+    def _write_extras(d: str, arrays: Dict[str, np.ndarray], n: int, rows: int
+                      ) -> Dict[str, Any]:
+        """Write each side array as ``<name>.npy`` (atomically); their manifest records."""
+        out = {}
+        for name, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
+            if not name.isidentifier() or name in ("features", "labels"):
+                raise ValueError(f"extras names must be identifiers other than 'features' and "
+                                 f"'labels'; got {name!r}")
+            if arr.ndim < 1 or arr.shape[0] != n:
+                raise ValueError(f"extras[{name!r}] must have {n} rows; got shape {arr.shape}")
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=d)
+            os.close(fd)
+            np.save(tmp, arr)
+            os.replace(tmp, os.path.join(d, f"{name}.npy"))
+            out[name] = {"file": f"{name}.npy", "dtype": str(arr.dtype), "shape": list(arr.shape),
+                         "chunk_crc32": [_crc(arr[i:i + rows]) for i in range(0, n, rows)]}
+        return out
 
     @staticmethod
     def _recorded_crcs(d: str, key: str, state: Dict[str, Any]) -> Dict[str, int]:
@@ -367,7 +427,8 @@ class FeatureCache:
     def _extract(self, d: str, key: str, parts: Dict[str, Any], n: int, compute: Any,
                  labels: Optional[np.ndarray], dtype: str, batch_size: int, progress: bool,
                  desc: str, meta: Optional[Dict[str, Any]] = None,
-                 dist: Optional[Tuple[int, int, Any]] = None) -> CacheEntry:
+                 dist: Optional[Tuple[int, int, Any]] = None,
+                 extras: Optional[Callable[[], Dict[str, np.ndarray]]] = None) -> CacheEntry:
         from tqdm.auto import tqdm
 
         rank, world, barrier = dist if dist is not None else (0, 1, lambda: None)
@@ -500,6 +561,8 @@ class FeatureCache:
             "parts": parts, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "extract_seconds": seconds, "meta": dict(meta or {}),
         }
+        if extras is not None:
+            man["extras"] = self._write_extras(d, extras(), n, rows)
         os.replace(fpath, os.path.join(d, "features.bin"))
         _atomic_write_json(os.path.join(d, "manifest.json"), man)
         for f in os.listdir(d):
@@ -655,6 +718,26 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
     }
     if transform is not None:
         parts["augment"] = {"transform": repr(transform), "views": views, "seed": int(seed)}
+    # Text cut between encoder layers: every row is padded to the longest text of the data (one
+    # activation shape per entry), and the suffix needs each row's attention mask.
+    text_rows = model.kind == "text" and k is not None and probe_blocks is None
+    if text_rows:
+        if not hasattr(model.preprocessing, "lengths"):
+            raise ValueError(f"cut={cut!r} on a text model needs a TextPreprocessing (it pads "
+                             "every text to the longest one); this model's preprocessing is a "
+                             f"{type(model.preprocessing).__name__}")
+        parts["rows"] = "padded to the longest text, attention_mask stored"
+    pad_len: List[int] = []
+
+    def padded(start: int, stop: int) -> Any:
+        if not pad_len:  # computed when the backbone runs, not when an entry is reused
+            pad_len.append(max(model.preprocessing.lengths(list(data))))
+        return model.preprocessing(take(start, stop), pad_to=pad_len[0])
+
+    def masks() -> Dict[str, np.ndarray]:
+        out = [np.asarray(padded(i, min(i + 1024, n))["attention_mask"], np.uint8)
+               for i in range(0, n, 1024)]
+        return {"attention_mask": np.concatenate(out)}
 
     def take(start: int, stop: int) -> Any:
         if isinstance(data, (list, tuple)):
@@ -675,7 +758,7 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         return parts_out[0] if len(parts_out) == 1 else np.concatenate(parts_out)
 
     def forward(start: int, stop: int, view: Optional[int] = None) -> np.ndarray:
-        x = model.preprocess(take(start, stop))
+        x = padded(start, stop) if text_rows else model.preprocess(take(start, stop))
         if view is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(zlib.crc32(f"{int(seed)}/{view}/{start}".encode()))
@@ -721,6 +804,6 @@ def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[st
         return store.get_or_compute(parts, n * views, forward_views, labels=lab, dtype=dtype,
                                     batch_size=batch_size, rebuild=rebuild, progress=progress,
                                     desc=f"{model.spec} -> {cut_name}", meta=meta,
-                                    dist=dist_spec)
+                                    dist=dist_spec, extras=masks if text_rows else None)
     finally:
         model.train(was_training)

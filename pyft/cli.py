@@ -37,6 +37,10 @@ def _info() -> Dict[str, Any]:
         "openmp": _core.has_openmp(),
         "blas": _core.blas_config(),
         "cuda_version": _core.cuda_version(),
+        # Which ops have CUDA kernels in this build ([] for CPU-only), and the devices the driver
+        # reports now (0 without a GPU or driver).
+        "cuda_kernels": _core.cuda_kernels(),
+        "cuda_devices": _core.cuda_device_count(),
     }
 
 

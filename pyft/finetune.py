@@ -86,6 +86,18 @@ class FineTuner:
         ``ProcessGroup`` given (default: when one is initialised, or initialise it from
         ``torchrun``'s environment); every rank must then call ``fit``. ``False`` fits in this
         process alone.
+
+    Attributes
+    ----------
+    cache_used_ : bool
+        Whether training read the frozen part's output from the feature cache: True for
+        ``head_only``, and for ``freeze_first`` when the model splits after block ``k``
+        (:func:`pyft.split.split_model`); False for ``full``, ``scratch``, and ``freeze_first``
+        on a model that does not split there, which then trains end to end with the prefix
+        frozen (recomputing it every epoch).
+    split_reason_ : str or None
+        Why ``freeze_first`` could not use a cached prefix (``None`` when it did, or for other
+        strategies).
     """
 
     def __init__(self, model: Any = "efficientnet_lite0", num_classes: Optional[int] = None,
@@ -199,6 +211,8 @@ class FineTuner:
         if strategy == "freeze_first" and k is None:
             k = max(1, len(model.blocks) // 2)
         self.history_: List[Dict[str, Any]] = []
+        self.cache_used_ = strategy == "head_only"
+        self.split_reason_: Optional[str] = None
         if strategy == "head_only":
             self._fit_head_only(model, train_d, val_d)
         elif strategy == "freeze_first":
@@ -342,29 +356,46 @@ class FineTuner:
             pdist.broadcast_state(model.net, self._ranks)  # identical already; made certain
 
     def _fit_freeze_first(self, model: Any, k: Any, tr: LabeledData, va: LabeledData) -> None:
-        from pyft.split import split_model
+        from pyft.split import SplitError, check_split, split_model
 
         groups = model.freeze("freeze_first", k=k, lr=self.lr, weight_decay=self.weight_decay,
                               lr_ratio=self.lr_ratio)
         try:
             _, suffix = split_model(model, k)
-        except NotImplementedError as e:
-            _log.warning("%s; training end to end with the prefix frozen", e)
+            # On two training samples: the suffix on the cached tap must give the model's logits.
+            check_split(model, k, suffix, model.preprocess(take(tr.inputs, np.arange(2))))
+        except SplitError as e:
+            self.split_reason_ = str(e)
+            _log.warning("freeze_first without a cached prefix: %s; training end to end with the "
+                         "prefix frozen (it is recomputed every epoch)", e)
             self._end_to_end_loop(model, groups, tr, va)
             return
+        self.cache_used_ = True
         e_tr, e_va = self._cache(model, tr, k), self._cache(model, va, k)
         steps = math.ceil(len(e_tr) / self.batch_size)
         rank, world, _ = self._ranks
+        dev = self.device
+
+        def rows(x: Any, copy: bool = False) -> Any:
+            # Text entries give dicts (hidden states and attention mask); the gather buffer is
+            # reused by the next batch, so what outlives a step is copied.
+            if isinstance(x, dict):
+                return {key: rows(v, copy) for key, v in x.items()}
+            x = x[rank::world]
+            return (x.clone() if copy else x).to(dev)
 
         def train_batches(epoch: int):
             for x, y in e_tr.batches(self.batch_size, seed=self.seed, epoch=epoch):
-                yield x[rank::world], y[rank::world], len(y)
+                yield rows(x), y[rank::world].to(dev), len(y)
 
         def val_batches():
             for x, y in e_va.batches(self.batch_size, shuffle=False):
-                yield x[rank::world].clone(), y[rank::world]
+                yield rows(x, copy=True), y[rank::world].to(dev)
 
-        self._train_loop(model, groups, suffix, train_batches, val_batches, steps)
+        def forward(x: Any) -> Any:
+            return suffix(**x) if isinstance(x, dict) else suffix(x)
+
+        self._train_loop(model, groups, forward, train_batches, val_batches, steps)
 
     def _fit_end_to_end(self, model: Any, strategy: str, tr: LabeledData, va: LabeledData) -> None:
         opts: Dict[str, Any] = {}

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from pyft import _core
-from pyft._arrays import as_feature_array
+from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs
 from pyft.heads import _holdout, _labels_1d, init_head_params
 
 __all__ = ["fit_grid", "default_lrs", "GridResult", "BASE_LRS"]
@@ -161,7 +161,8 @@ def fit_grid(
     Parameters
     ----------
     features : ndarray of shape (n_samples, n_features), float32, float16, bfloat16 or float64
-        Never copied: every fold trains on row indices of this array (a memmap works).
+        Never copied: every fold trains on row indices of this array (a memmap works). A CUDA
+        tensor trains on its GPU (builds with ``PYFT_ENABLE_CUDA=ON``).
     labels : array-like of shape (n_samples,)
         Class labels (any values; encoded in sorted order as ``classes_``).
     lrs : sequence of float, optional
@@ -193,7 +194,7 @@ def fit_grid(
     """
     if select not in ("accuracy", "loss"):
         raise ValueError(f"select must be 'accuracy' or 'loss'; got {select!r}")
-    X, bf16 = as_feature_array(features, "features")
+    X, bf16 = as_feature_array(features, "features", allow_cuda=True)
     if X.ndim != 2:
         raise ValueError(f"features must be a 2-D array (n_samples, n_features); got {X.ndim}-D")
     y_raw = _labels_1d(labels, X.shape[0], "labels")
@@ -206,7 +207,8 @@ def fit_grid(
     splits, fold = _splits(y, folds, val_fraction, int(seed))
     common = dict(num_classes=C, bfloat16=bf16, optimizer=optimizer, momentum=momentum,
                   nesterov=nesterov, schedule=schedule, warmup_steps=warmup_steps, epochs=epochs,
-                  batch_size=batch_size, seed=int(seed), n_threads=n_threads)
+                  batch_size=batch_size, seed=int(seed), n_threads=n_threads,
+                  **cuda_kwargs(X))
     init = init_head_params("linear", D, C, seed=int(seed))
     from pyft.distributed import process_group
 
@@ -219,8 +221,10 @@ def fit_grid(
         if mine.size == 0:
             continue
         params = np.tile(init, (mine.size, 1))  # a fresh head per grid point and fold
-        res = _core.train_heads(params, X, y, lrs=lr_grid[mine], weight_decays=wd_grid[mine],
-                                train_rows=tr, val_rows=va, **common)
+        with cuda_device(X):  # torch exports a tensor from its own device only
+            res = _core.train_heads(params, X, y, lrs=lr_grid[mine],
+                                    weight_decays=wd_grid[mine], train_rows=tr, val_rows=va,
+                                    **common)
         last = res["history"][-1]
         acc[k, mine], loss[k, mine] = last["val_accuracy"], last["val_loss"]
     if world > 1:
@@ -247,8 +251,9 @@ def fit_grid(
         order = np.argsort(np.where(valid, table["val_loss_mean"], np.inf), kind="stable")
     best = int(order[0])
     params = init.copy()
-    refit = _core.train_head(params, X, y, lr=float(lr_grid[best]),
-                             weight_decay=float(wd_grid[best]), **common)
+    with cuda_device(X):
+        refit = _core.train_head(params, X, y, lr=float(lr_grid[best]),
+                                 weight_decay=float(wd_grid[best]), **common)
     return GridResult(params_=params, classes_=classes, best_index_=best,
                       best_lr_=float(lr_grid[best]), best_weight_decay_=float(wd_grid[best]),
                       table_=table, fold_=fold, n_folds_=len(splits), seed_=int(seed),

@@ -19,7 +19,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pyft import _core
-from pyft._arrays import as_feature_array
+from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs, is_cuda_tensor
 
 __all__ = ["HeadClassifier", "init_head_params", "head_param_count"]
 
@@ -278,9 +278,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             raise TypeError(f"callback must be callable; got {type(self.callback).__name__}")
         return solver
 
-    def _features(self, X, *, reset: bool):
-        """Validate X without copying float data; returns (array, is_bfloat16)."""
-        arr, bf16 = as_feature_array(X) if _is_special_float(X) else (None, False)
+    def _features(self, X, *, reset: bool, allow_cuda: bool = False):
+        """Validate X without copying float data; returns (array, is_bfloat16). With allow_cuda,
+        a CUDA tensor comes back as it is (for the CUDA trainer)."""
+        arr, bf16 = (as_feature_array(X, allow_cuda=allow_cuda) if _is_special_float(X)
+                     else (None, False))
         if arr is not None:
             # bfloat16 / torch input: scikit-learn's validation cannot read it; check here.
             n_features = arr.shape[1]
@@ -341,7 +343,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         X : array-like of shape (n_samples, n_features)
             float32, float16, bfloat16 (ml_dtypes or torch) or float64; NumPy arrays,
             ``np.memmap`` and CPU torch tensors are read in place (never copied whole), with
-            any strides.
+            any strides. A CUDA tensor trains on its GPU with pyft's CUDA kernel (builds with
+            ``PYFT_ENABLE_CUDA=ON``; linear head, solver 'sgd' or 'adamw'); predict takes host
+            arrays.
         y : array-like of shape (n_samples,)
             Class labels of any type.
         X_val, y_val : optional validation split
@@ -356,7 +360,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None"
             )
-        X_arr, bf16 = self._features(X, reset=True)
+        X_arr, bf16 = self._features(X, reset=True, allow_cuda=True)
         y = _labels_1d(y, X_arr.shape[0])
         check_classification_targets(y)
         self.classes_, y_enc = np.unique(y, return_inverse=True)
@@ -374,6 +378,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         hidden = int(self.hidden_size) if self.head == "mlp" else 0
         params = init_head_params(self.head, n_features, num_classes, hidden, seed)
 
+        if solver == "lbfgs" and is_cuda_tensor(X_arr):
+            raise ValueError(
+                "solver='lbfgs' runs on the CPU (no CUDA kernel); pass X.cpu(), or use "
+                "solver='sgd' or 'adamw' to train on the CUDA tensor"
+            )
         if solver == "lbfgs":
             if X_val is not None or self.early_stopping:
                 warnings.warn(
@@ -452,13 +461,18 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         if X_val is not None or y_val is not None:
             if X_val is None or y_val is None:
                 raise ValueError("X_val and y_val must be given together")
-            val_X, val_bf16 = self._features(X_val, reset=False)
+            val_X, val_bf16 = self._features(X_val, reset=False, allow_cuda=True)
             if val_bf16 != bf16:
                 raise ValueError("X_val must have the same dtype family as X (bfloat16 or not)")
             val_y = self._encode(_labels_1d(y_val, val_X.shape[0], name="y_val"), name="y_val")
         elif self.early_stopping:
             train_rows, val_rows = _holdout(y, float(self.validation_fraction), seed)
-            val_X = np.ascontiguousarray(X[val_rows])  # the held-out rows only
+            if is_cuda_tensor(X):  # the held-out rows only, on the device
+                import torch
+
+                val_X = X[torch.as_tensor(val_rows, device=X.device)].contiguous()
+            else:
+                val_X = np.ascontiguousarray(X[val_rows])
             val_y = y[val_rows]
             n = len(train_rows)
         batch = min(int(self.batch_size), n)
@@ -467,23 +481,25 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         on_epoch, history, close = self._monitor(int(self.epochs), "epoch",
                                                  ("train_loss", "val_loss"))
         try:
-            res = _core.train_head(
-                params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
-                activation=self.activation, train_rows=train_rows, val_features=val_X,
-                val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
-                label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
-                weight_decay=float(self.weight_decay),
-                momentum=float(self.momentum) if solver == "sgd" else 0.0,
-                nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
-                beta2=float(self.beta2),
-                eps=float(self.eps), schedule=self.schedule,
-                warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
-                min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
-                gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch,
-                seed=seed, dropout=float(self.dropout),
-                patience=int(self.patience) if (self.early_stopping and val_X is not None) else 0,
-                min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
-            )
+            with cuda_device(X):  # torch exports a tensor from its own device only
+                res = _core.train_head(
+                    params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
+                    activation=self.activation, train_rows=train_rows, val_features=val_X,
+                    val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
+                    label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
+                    weight_decay=float(self.weight_decay),
+                    momentum=float(self.momentum) if solver == "sgd" else 0.0,
+                    nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
+                    beta2=float(self.beta2),
+                    eps=float(self.eps), schedule=self.schedule,
+                    warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
+                    min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
+                    gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch,
+                    seed=seed, dropout=float(self.dropout),
+                    patience=int(self.patience) if (self.early_stopping and val_X is not None) else 0,
+                    min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
+                    **cuda_kwargs(X),
+                )
         finally:
             close()
         self.n_iter_ = int(res["epochs_run"])

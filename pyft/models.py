@@ -749,6 +749,11 @@ class _TextClassifier(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return self.classify(hidden, attention_mask)
+
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from the last hidden states (n, tokens, width): the forward after the encoder
+        (also the end of :func:`pyft.split.split_model`'s suffix)."""
         return self.head(_pool(hidden, attention_mask))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -231,8 +231,18 @@ class TextPreprocessing:
             object.__setattr__(self, "_tokenizer", tok)
         return tok
 
-    def __call__(self, texts: Sequence[str]) -> Dict[str, Any]:
-        """Return ``{"input_ids", "attention_mask"}`` int64 tensors of shape (n, length)."""
+    def lengths(self, texts: Sequence[str]) -> List[int]:
+        """Tokens per text after truncation (special tokens included)."""
+        enc = self.tokenizer(list(texts), padding=False, truncation=True,
+                             max_length=self.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def __call__(self, texts: Sequence[str], pad_to: Optional[int] = None) -> Dict[str, Any]:
+        """Return ``{"input_ids", "attention_mask"}`` int64 tensors of shape (n, length).
+
+        ``length`` is the longest text's (after truncation to ``max_length``), or ``pad_to``
+        when given (the feature cache pads a dataset's rows to one length).
+        """
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -242,6 +252,18 @@ class TextPreprocessing:
             )
         if not texts:
             raise ValueError("texts must not be empty")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        if pad_to is None:
+            enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        else:
+            if isinstance(pad_to, bool) or not isinstance(pad_to, int) or \
+                    not 1 <= pad_to <= self.max_length:
+                raise ValueError(f"pad_to must be an int in [1, {self.max_length}]; got {pad_to!r}")
+            enc = self.tokenizer(list(texts), padding=False, truncation=True,
+                                 max_length=self.max_length)
+            longest = max(len(ids) for ids in enc["input_ids"])
+            if longest > pad_to:
+                raise ValueError(f"pad_to={pad_to} is shorter than a text of {longest} tokens")
+            enc = self.tokenizer.pad(enc, padding="max_length", max_length=pad_to,
+                                     return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -54,7 +54,7 @@ def torch_head(params: np.ndarray, head: str, D: int, C: int, H: int = 0,
 
 
 def module_flat(model: nn.Module) -> np.ndarray:
-    return flatten([p.detach().to(torch.float32).numpy() for p in model.parameters()])
+    return flatten([p.detach().to(torch.float32).cpu().numpy() for p in model.parameters()])
 
 
 def split_decay(model: nn.Module):
@@ -216,8 +216,9 @@ def torch_train(
     label_smoothing: float = 0.0,
     class_weights: Optional[np.ndarray] = None,
     dtype=torch.float32,
+    device: str = "cpu",
 ) -> Tuple[np.ndarray, List[Dict[str, float]]]:
-    """The training loop train_head documents, in plain PyTorch.
+    """The training loop train_head documents, in plain PyTorch (on ``device``).
 
     Returns (final flat float32 params, per-epoch history with train_loss and lr). The epoch's
     train_loss is sum_batches(batch mean loss * batch rows) / rows seen, with each batch loss taken
@@ -228,7 +229,7 @@ def torch_train(
     B = min(batch_size, N)
     spe = steps_per_epoch(N, batch_size, drop_last)
     total = spe * epochs
-    model = torch_head(params, head, D, C, H, activation, dtype)
+    model = torch_head(params, head, D, C, H, activation, dtype).to(device)
     weights, biases = split_decay(model)
     groups = [{"params": weights, "weight_decay": weight_decay},
               {"params": biases, "weight_decay": 0.0}]
@@ -240,10 +241,11 @@ def torch_train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: lr_factor(schedule, t, total, spe, warmup_steps, min_lr_ratio, step_size,
                                  gamma))
-    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=dtype)
+    weight = (None if class_weights is None
+              else torch.as_tensor(class_weights, dtype=dtype, device=device))
     crit = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-    Xt = torch.from_numpy(np.asarray(X, dtype=np.float64)).to(dtype)
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    Xt = torch.from_numpy(np.asarray(X, dtype=np.float64)).to(dtype).to(device)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
     history = []
     step = 0
     for epoch in range(epochs):
@@ -251,11 +253,12 @@ def torch_train(
         loss_sum, seen, last_lr = 0.0, 0, lr
         for s in range(spe):
             idx = order[s * B : (s + 1) * B]
-            xb, yb = Xt[idx], yt[idx]
+            tidx = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(device)
+            xb, yb = Xt[tidx], yt[tidx]
             if head == "linear" or dropout == 0.0:
                 logits = model(xb)
             else:
-                keep = torch.from_numpy(dropout_keep_mask(seed, step, idx, H, dropout))
+                keep = torch.from_numpy(dropout_keep_mask(seed, step, idx, H, dropout)).to(device)
                 h = model[1](model[0](xb))
                 h = torch.where(keep, h / (1.0 - dropout), torch.zeros((), dtype=dtype))
                 logits = model[2](h)

@@ -98,14 +98,16 @@ def test_cuda_tensor():
         pytest.skip("no CUDA device")
     X = torch.randn(32, 4, device="cuda")
     y = (torch.arange(32) % 2).numpy()
-    clf = pyft.HeadClassifier(random_state=0)
+    clf = pyft.HeadClassifier(solver="sgd", random_state=0)
     if _core.cuda_version() < 0:
         # CPU build: a clear error, not a crash or a silent device copy
-        with pytest.raises(ValueError, match="features must be on the CPU"):
+        with pytest.raises(RuntimeError, match="built without CUDA; rebuild with PYFT_ENABLE_CUDA"):
             clf.fit(X, y)
-    else:  # pragma: no cover - CUDA builds
-        clf.fit(X, y)
-        np.testing.assert_array_equal(clf.predict(X), clf.predict(X.cpu()))
+        return
+    clf.fit(X, y)  # a CUDA build with a GPU must train on the device; any error fails the test
+    on_cpu = pyft.HeadClassifier(solver="sgd", random_state=0).fit(X.cpu(), y)
+    np.testing.assert_allclose(clf.params_, on_cpu.params_, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(clf.predict(X.cpu()), on_cpu.predict(X.cpu()))
 
 
 def test_blas_config_mentions_openblas():
@@ -191,7 +193,8 @@ def test_public_api_objects():
 
 NATIVE_FUNCTIONS = [
     "train_head", "train_heads", "train_head_lbfgs", "objective", "predict", "epoch_permutation", "lr_factor",
-    "num_threads", "blas_config", "cuda_version", "gather_rows",
+    "num_threads", "blas_config", "cuda_version", "cuda_kernels", "cuda_device_count",
+    "gather_rows",
 ]
 
 

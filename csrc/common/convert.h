@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/device.h"
+
 namespace pyft {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
@@ -24,6 +26,7 @@ struct Matrix {
   int64_t row_stride = 0;  ///< bytes
   int64_t col_stride = 0;  ///< bytes
   DType dtype = DType::F32;
+  int device = kHost;      ///< kHost, or the CUDA device that holds data (never read on the host)
 
   bool contiguous_rows() const { return col_stride == dtype_size(dtype); }
   const char* row_ptr(int64_t i) const {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "common/parallel.h"
 
 namespace pyft {
@@ -65,7 +66,14 @@ Matrix gather_source(const void* data, DType dtype, int ndim, const int64_t* sha
 }
 
 void gather(const Matrix& src, const int64_t* indices, int64_t count, float* out,
-            int64_t out_row_stride, int n_threads) {
+            int64_t out_row_stride, int n_threads, const GatherPlacement& place) {
+  const bool on_device = src.device != kHost || place.out_device != kHost ||
+                         place.indices_device != kHost;
+  if (on_device)
+    require_cuda_device(src.device != kHost          ? src.device
+                        : place.out_device != kHost ? place.out_device
+                                                    : place.indices_device,
+                        "gather_rows");
   PYFT_CHECK(src.rows >= 0 && src.cols >= 0, "src must have a non-negative shape; got (%lld, %lld)",
              (long long)src.rows, (long long)src.cols);
   PYFT_CHECK(count >= 0, "indices must hold >= 0 entries; got %lld", (long long)count);
@@ -74,10 +82,24 @@ void gather(const Matrix& src, const int64_t* indices, int64_t count, float* out
   PYFT_CHECK(out_row_stride >= src.cols,
              "out row stride must be >= the row size %lld (floats); got %lld", (long long)src.cols,
              (long long)out_row_stride);
+  if (on_device) {
+    PYFT_CHECK(src.device != kHost,
+               "src is in host memory but out or indices are on cuda:%d; the gather runs where "
+               "src lives: move src to the GPU or pass host arrays",
+               place.out_device != kHost ? place.out_device : place.indices_device);
+    PYFT_CHECK(place.out_device == src.device,
+               "out must be on the device of src (cuda:%d); got %s%d", src.device,
+               place.out_device == kHost ? "host memory, device " : "cuda:", place.out_device);
+    PYFT_CHECK(place.indices_device == kHost || place.indices_device == src.device,
+               "indices must be in host memory or on the device of src (cuda:%d); got cuda:%d",
+               src.device, place.indices_device);
+  }
   if (count == 0) return;
   PYFT_CHECK(indices != nullptr, "indices is missing");
-  // Every index before any row is written, so a bad batch leaves a reused buffer untouched.
-  for (int64_t r = 0; r < count; ++r) {
+  const bool device_indices = on_device && place.indices_device != kHost;
+  // Every index before any row is written, so a bad batch leaves a reused buffer untouched
+  // (device-resident indices are checked the same way, by the CUDA gather before it copies).
+  for (int64_t r = 0; r < (device_indices ? 0 : count); ++r) {
     const int64_t i = indices[r];
     PYFT_CHECK(i >= 0 && i < src.rows, "indices must be in [0, %lld) (rows of src); got %lld at "
                "position %lld", (long long)src.rows, (long long)i, (long long)r);
@@ -93,8 +115,24 @@ void gather(const Matrix& src, const int64_t* indices, int64_t count, float* out
               out_row_stride * (int64_t)sizeof(float), sizeof(float), sizeof(float), &o_lo, &o_hi);
   PYFT_CHECK(o_hi <= s_lo || s_hi <= o_lo,
              "out must not share memory with src; pass a separate float32 buffer");
+  if (on_device) {
+    PYFT_CHECK(src.contiguous_rows(),
+               "src on a CUDA device must have contiguous rows (column stride %lld bytes, the "
+               "item size); got a column stride of %lld bytes",
+               (long long)dtype_size(src.dtype), (long long)src.col_stride);
+    cuda::gather(src, indices, device_indices, count, out, out_row_stride, place.stream);
+    return;
+  }
   const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(n_threads), count));
   gather_rows(src, indices, 0, count, out, out_row_stride, nt);
 }
+
+#if !defined(PYFT_WITH_CUDA)
+namespace cuda {
+void gather(const Matrix&, const int64_t*, bool, int64_t, float*, int64_t, StreamHandle) {
+  require_cuda_device(0, "gather_rows");  // throws: built without CUDA
+}
+}  // namespace cuda
+#endif
 
 }  // namespace pyft

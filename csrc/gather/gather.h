@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/convert.h"
+#include "common/device.h"
 
 namespace pyft {
 
@@ -21,7 +22,25 @@ Matrix gather_source(const void* data, DType dtype, int ndim, const int64_t* sha
 /// out: count x src.cols float32, row r at out + r * out_row_stride (floats, >= src.cols); it must
 /// not overlap src. Parallel over rows with n_threads (0: all available). Validates everything
 /// before writing anything: on a bad index `out` is left untouched.
+///
+/// Device placement: src.device says where src lives. With src on a CUDA device, out must be on
+/// the same device and indices on that device or the host (`place`); the gather is queued on
+/// place.stream (the caller's stream) and this call returns once it is queued, except that
+/// device-resident indices are validated first (one small copy back). CPU builds throw
+/// std::runtime_error for device arrays.
+struct GatherPlacement {
+  int indices_device = kHost;
+  int out_device = kHost;
+  StreamHandle stream = 0;
+};
+
 void gather(const Matrix& src, const int64_t* indices, int64_t count, float* out,
-            int64_t out_row_stride, int n_threads);
+            int64_t out_row_stride, int n_threads, const GatherPlacement& place = {});
+
+namespace cuda {
+/// The CUDA kernel behind gather (validated arguments only).
+void gather(const Matrix& src, const int64_t* indices, bool indices_on_device, int64_t count,
+            float* out, int64_t out_row_stride, StreamHandle stream);
+}  // namespace cuda
 
 }  // namespace pyft

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common/check.h"
+#include "common/device.h"
 
 namespace pyft {
 
@@ -45,8 +46,30 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
     check_rows(val.rows, val.count, X.rows, "val_rows");
   }
   check_class_weights_present(loss, labels, X.rows);
+  if (X.device != kHost || (val.X && val.X->device != kHost)) {
+    PYFT_CHECK(X.device != kHost,
+               "val_features are on cuda:%d but features are in host memory; pass both on the "
+               "same device", val.X->device);
+    check_cuda_features(X, val.X, heads * spec.classes);
+    PYFT_CHECK(heads <= 65535, "the CUDA grid trainer takes at most 65535 heads per call; got %lld",
+               (long long)heads);
+    return cuda::train_heads(spec, heads, params, lrs, weight_decays, X, labels, subset, val, loss,
+                             opt, on_epoch, interrupted);
+  }
   return cpu::train_heads(spec, heads, params, lrs, weight_decays, X, labels, subset, val, loss,
                           opt, on_epoch, interrupted);
 }
+
+#if !defined(PYFT_WITH_CUDA)
+namespace cuda {
+GridResult train_heads(const HeadSpec&, int64_t, float*, const double*, const double*,
+                       const Matrix& X, const int64_t*, const RowSubset&, const ValidationSet&,
+                       const LossSpec&, const TrainOptions&, const GridEpochCallback&,
+                       const InterruptCheck&) {
+  require_cuda_device(X.device, "train_heads");  // throws: built without CUDA
+  return {};
+}
+}  // namespace cuda
+#endif
 
 }  // namespace pyft

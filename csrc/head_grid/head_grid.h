@@ -58,6 +58,19 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
                        const TrainOptions& opt, const GridEpochCallback& on_epoch,
                        const InterruptCheck& interrupted);
 
+namespace cuda {
+/// Grid training on a CUDA device (X.device; val.X on the same device): per batch one gather,
+/// one forward GEMM for all heads, a fused softmax cross-entropy + gradient kernel, one weight-
+/// gradient GEMM and one fused optimizer kernel; bf16/fp16 features multiply in their own type
+/// with float32 accumulation. params, lrs, labels and rows stay on the host; params are updated
+/// in place after every epoch (before on_epoch).
+GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const double* lrs,
+                       const double* weight_decays, const Matrix& X, const int64_t* labels,
+                       const RowSubset& subset, const ValidationSet& val, const LossSpec& loss,
+                       const TrainOptions& opt, const GridEpochCallback& on_epoch,
+                       const InterruptCheck& interrupted);
+}  // namespace cuda
+
 namespace cpu {
 GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const double* lrs,
                        const double* weight_decays, const Matrix& X, const int64_t* labels,

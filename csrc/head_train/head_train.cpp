@@ -1,9 +1,12 @@
 // Validation and dispatch for head training.
 #include "head_train/head_train.h"
 
+#include <climits>
 #include <cmath>
+#include <cstdint>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "common/parallel.h"
 
 namespace pyft {
@@ -102,6 +105,33 @@ void check_options(const TrainOptions& opt) {
   PYFT_CHECK(opt.min_delta >= 0.0, "min_delta must be >= 0; got %g", opt.min_delta);
 }
 
+void check_cuda_features(const Matrix& X, const Matrix* val_X, int64_t out_rows) {
+  require_cuda_device(X.device, "training on CUDA features");
+  auto one = [&](const Matrix& M, const char* name) {
+    PYFT_CHECK(M.device == X.device,
+               "%s must be on the device of features (cuda:%d); got %s%d", name, X.device,
+               M.device == kHost ? "host memory, device " : "cuda:", M.device);
+    const int64_t item = dtype_size(M.dtype);
+    PYFT_CHECK(M.contiguous_rows(),
+               "%s on a CUDA device must have contiguous rows (column stride %lld bytes); got a "
+               "column stride of %lld bytes: pass %s.contiguous()",
+               name, (long long)item, (long long)M.col_stride, name);
+    PYFT_CHECK(M.row_stride % item == 0 && reinterpret_cast<uintptr_t>(M.data) % item == 0,
+               "%s on a CUDA device must be aligned to its %lld-byte elements", name,
+               (long long)item);
+  };
+  one(X, "features");
+  if (val_X) {
+    one(*val_X, "val_features");
+    PYFT_CHECK(val_X->dtype == X.dtype,
+               "val_features must have the dtype of features (%s) on a CUDA device; got %s",
+               dtype_name(X.dtype), dtype_name(val_X->dtype));
+  }
+  PYFT_CHECK(X.cols <= INT_MAX && out_rows <= INT_MAX,
+             "features with %lld columns and %lld output rows exceed cuBLAS's 32-bit sizes",
+             (long long)X.cols, (long long)out_rows);
+}
+
 double lr_factor(const TrainOptions& opt, int64_t step, int64_t total, int64_t steps_per_epoch) {
   double f = 1.0;
   const int64_t w = opt.warmup_steps;
@@ -144,8 +174,30 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
              "patience=%lld (early stopping) needs a validation set (val_features, val_labels)",
              (long long)opt.patience);
   check_class_weights_present(loss, labels, X.rows);
+  if (X.device != kHost || (val_X && val_X->device != kHost)) {
+    PYFT_CHECK(X.device != kHost,
+               "val_features are on cuda:%d but features are in host memory; pass both on the "
+               "same device", val_X->device);
+    check_cuda_features(X, val_X, spec.classes);
+    PYFT_CHECK(spec.kind == HeadKind::Linear,
+               "head='mlp' has no CUDA kernel yet (the CUDA trainer covers the linear head); pass "
+               "host (NumPy/CPU) features to train an MLP head");
+    return cuda::train_head(spec, params, X, labels, subset, val_X, val_labels, loss, opt,
+                            on_epoch, interrupted);
+  }
   return cpu::train_head(spec, params, X, labels, subset, val_X, val_labels, loss, opt, on_epoch,
                          interrupted);
 }
+
+#if !defined(PYFT_WITH_CUDA)
+namespace cuda {
+TrainResult train_head(const HeadSpec&, float*, const Matrix& X, const int64_t*, const RowSubset&,
+                       const Matrix*, const int64_t*, const LossSpec&, const TrainOptions&,
+                       const EpochCallback&, const InterruptCheck&) {
+  require_cuda_device(X.device, "train_head");  // throws: built without CUDA
+  return {};
+}
+}  // namespace cuda
+#endif
 
 }  // namespace pyft

@@ -9,6 +9,7 @@
 #include <functional>
 
 #include "common/convert.h"
+#include "common/device.h"
 #include "common/head_math.h"
 
 namespace pyft {
@@ -41,6 +42,10 @@ struct TrainOptions {
   double min_delta = 0.0;
   int n_threads = 0;          ///< <= 0: all available
   KernelChoice kernel = KernelChoice::Auto;
+  // CUDA runs (features on a device): the caller's stream, which the run is ordered after, and
+  // whether each epoch's steps are captured once into a CUDA graph and replayed (epochs >= 2).
+  StreamHandle stream = 0;
+  bool cuda_graphs = true;
 };
 
 struct EpochStats {
@@ -99,6 +104,19 @@ void check_class_weights_present(const LossSpec& loss, const int64_t* labels, in
 void check_options(const TrainOptions& opt);
 /// rows[0..count) must be a non-empty list of indices into n rows.
 void check_rows(const int64_t* rows, int64_t count, int64_t n, const char* name);
+
+/// Checks shared by the CUDA trainers: the device exists, the feature matrices live on it with
+/// contiguous, element-aligned rows, and the sizes fit cuBLAS's int dimensions.
+void check_cuda_features(const Matrix& X, const Matrix* val_X, int64_t out_rows);
+
+namespace cuda {
+/// Linear head on a CUDA device (X.device): same loop and results as cpu::train_head up to
+/// float32 summation order; params stay on the host and are updated after every epoch.
+TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
+                       const int64_t* labels, const RowSubset& subset, const Matrix* val_X,
+                       const int64_t* val_labels, const LossSpec& loss, const TrainOptions& opt,
+                       const EpochCallback& on_epoch, const InterruptCheck& interrupted);
+}  // namespace cuda
 
 namespace cpu {
 TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
