@@ -2,8 +2,12 @@
 
 import numpy as np
 
-from pyft.datasets import (BBC_NEWS_CLASSES, TWEET_SENTIMENT_CLASSES, load_bbc_news,
-                           load_tweet_sentiment)
+from pyft.datasets import (
+    BBC_NEWS_CLASSES,
+    TWEET_SENTIMENT_CLASSES,
+    load_bbc_news,
+    load_tweet_sentiment,
+)
 
 
 def test_bbc_news():
