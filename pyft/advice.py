@@ -17,11 +17,11 @@
    validation halves of the subsample, the same number of AdamW steps (``trial_epochs`` over
    the training half, batches in the same order, warm-up and cosine decay as in
    :class:`pyft.FineTuner`), once per learning rate of a small grid; each keeps its best rate.
-   Every trial starts from the same head, the L-BFGS fit on the cached head input of the
-   trial's training rows ("linear probe, then fine-tune", Kumar et al. 2022), so a short run
-   measures what training more than the head adds rather than how fast a random head catches
-   up; trained BatchNorm layers get their running statistics recalibrated on the training rows
-   before the validation pass. What is frozen is computed once: ``head_only`` trains the head on the cached head input and
+   Every trial starts from the model as given, with the same new head; ``head_only`` gets the
+   same short AdamW run as the others (not a converged solver, which a short run of the others
+   could not match). Trained BatchNorm layers get their running statistics recalibrated on the
+   training rows before the validation pass: a short run barely moves them, a real run does.
+   What is frozen is computed once: ``head_only`` trains the head on the cached head input and
    ``freeze_first(k)`` trains the suffix of :func:`pyft.split.split_model` on the subsample's
    cached prefix activations, as the real run does. A model pyft cannot split at ``k`` trains
    ``freeze_first`` end to end with the prefix frozen, in the trial and in the real run, and the
@@ -60,7 +60,7 @@ Thresholds and settings (module constants; the advice reports them):
     ``lr_ratio`` times it). Convolutional networks fine-tune well with AdamW around 1e-3..1e-2;
     transformer encoders need about ten times less (BERT's recipe is 2e-5..5e-5 for the body,
     i.e. 2e-4..5e-4 at ``lr_ratio=0.1``). Every candidate, ``head_only`` included, tries the
-    same grid: they all start from the same fitted head (below).
+    same grid.
 
 The quadrant table is the prior, reported beside the trials; when trials ran, they decide.
 """
@@ -628,9 +628,8 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     if trials:
         # Size the trials' training half to the budget left: every rate of every candidate
         # runs trial_epochs passes over it, then one recalibration and one validation pass.
-        # full: steps, then (once) two passes to start from a fitted head and (per rate) one
-        # BatchNorm recalibration pass
-        train_cost = full_per_sample + fwd_per_sample * (1 + 2 / (len(lrs) * trial_epochs))
+        # full: the steps, then one BatchNorm recalibration pass
+        train_cost = full_per_sample + fwd_per_sample / trial_epochs
         fixed = len(lrs) * n_val * fwd_per_sample
         for kk in ks:
             pre = float(share[kk - 1])
@@ -657,58 +656,17 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         def cached(x: torch.Tensor) -> Callable[[np.ndarray], Any]:
             return lambda idx: x[torch.as_tensor(idx)].to(dev)
 
-        # Every trial of a candidate starts from the same point: its trained BatchNorm layers
-        # recalibrated to this data, and the head fitted (L-BFGS) on the head input that results,
-        # over the trial's training rows -- "linear probe, then fine-tune" (Kumar et al. 2022).
-        # A short run then measures what training more than the head adds, not how fast a
-        # random head catches up or how fast BatchNorm statistics drift.
-        from pyft.heads import HeadClassifier
-
+        # Every trial starts from the model as given (the same new head for all): head_only
+        # gets the same short AdamW run as the others, not a converged solver.
         h = torch.from_numpy(np.ascontiguousarray(head_feats, dtype=np.float32))
         h_tr, h_va = h[torch.as_tensor(tr_pos)], h[torch.as_tensor(va_pos)]
-
-        def head_inputs(m: Any, forward: Callable[[Any], Any], x_fn: Callable[[np.ndarray], Any]
-                        ) -> np.ndarray:
-            got: List[np.ndarray] = []
-
-            def grab(_m: nn.Module, args: Tuple[Any, ...]) -> None:
-                got.append(args[0].detach().float().cpu().numpy().copy())
-
-            handle = m.head.register_forward_pre_hook(grab)
-            try:
-                with torch.inference_mode():
-                    for sl in _batches(rows, 64):
-                        forward(x_fn(np.arange(rows)[sl]))
-            finally:
-                handle.remove()
-            return np.concatenate(got)
 
         def runner(policy: str, opts: Dict[str, Any], fwd: Callable[[Any], Callable[[Any], Any]],
                    x_tr: Callable[[Any], Callable[[np.ndarray], Any]],
                    x_va: Callable[[Any], Callable[[np.ndarray], Any]]
                    ) -> Callable[[float], Dict[str, Any]]:
-            base = copy.deepcopy(model)
-            base.freeze(policy, **opts)
-            base.train()
-            _recalibrate_bn(fwd(base), base.net, x_tr(base), rows, 64)
-            base.eval()
-            feats_tr = head_inputs(base, fwd(base), x_tr(base))
-            lp = HeadClassifier(solver="lbfgs", C=1.0, max_iter=200, random_state=seed)
-            lp.fit(feats_tr, y_tr)
-            head = base.head
-            if isinstance(head, nn.Linear) and head.weight.shape[1] == lp.coef_.shape[1]:
-                present = torch.as_tensor(np.asarray(lp.classes_))
-                with torch.no_grad():
-                    head.weight.zero_()
-                    head.bias.fill_(-1e4)  # classes absent from the trial rows
-                    head.weight[present] = torch.as_tensor(lp.coef_, dtype=head.weight.dtype)
-                    head.bias[present] = torch.as_tensor(lp.intercept_, dtype=head.bias.dtype)
-            start = {key: v.detach().clone() for key, v in base.net.state_dict().items()}
-            del base
-
             def run(lr: float) -> Dict[str, Any]:
                 m = copy.deepcopy(model)
-                m.net.load_state_dict(start)
                 groups = m.freeze(policy, lr=lr, weight_decay=weight_decay, **opts)
                 return _short_run(fwd(m), m.train, groups, x_tr(m), y_tr, x_va(m), y_va,
                                   trial_epochs, batch_size, seed, m.net)
@@ -802,7 +760,6 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
                 "note": note, "_correct": top["correct"]}
         setup = {"train_samples": int(rows), "val_samples": int(len(va_pos)), "steps": int(steps),
                  "epochs": int(trial_epochs), "batch_size": int(batch_size), "lrs": list(lrs),
-                 "head_init": "L-BFGS linear probe on the trial's training rows",
                  "seconds": time.perf_counter() - t_trials, "budget": float(budget)}
     results["scratch"] = {
         "strategy": "scratch", "k": None, "lr": None, "accuracy": None, "stderr": None,
