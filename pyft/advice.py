@@ -1,22 +1,44 @@
-"""Strategy advice: which of the four fine-tuning strategies to use, from measurements.
+"""Strategy advice: which fine-tuning strategy, at which learning rate, from measurements.
 
 :func:`advise` measures, on the user's own data:
 
 1. **Size**: samples, samples per class, and samples per trainable parameter of each option.
 2. **Similarity to the pretraining domain**:
 
-   - one forward pass over a subsample records the pooled output of every block; a
+   - one forward pass over a stratified subsample records the pooled output of every block; a
      cross-validated linear probe (the native L-BFGS head trainer) at each depth tells how well
      each depth's features separate the user's classes. When an earlier block's probe beats the
      last block's, the top blocks do not transfer to this data;
    - where the body has BatchNorm, how far the data's per-channel activation statistics are from
      the stored running statistics (KL divergence of the two Gaussians, averaged per block).
 
-3. **Trial runs** within a time budget: short runs of ``full`` and ``freeze_first(k)`` on the
-   subsample (``head_only`` comes from the probe features), each giving a held-out accuracy and a
-   measured cost per sample, extrapolated to a whole run over all the data.
+3. **Trials that compare like with like**. Every candidate -- ``head_only``,
+   ``freeze_first(k)`` and ``full`` -- gets the same short run: the same training and
+   validation halves of the subsample, the same number of AdamW steps (``trial_epochs`` over
+   the training half, batches in the same order, warm-up and cosine decay as in
+   :class:`pyft.FineTuner`), once per learning rate of a small grid; each keeps its best rate.
+   Every trial starts from the model as given, with the same new head; ``head_only`` gets the
+   same short AdamW run as the others (not a converged solver, which a short run of the others
+   could not match). Trained BatchNorm layers get their running statistics recalibrated on the
+   training rows before the validation pass: a short run barely moves them, a real run does.
+   What is frozen is computed once: ``head_only`` trains the head on the cached head input and
+   ``freeze_first(k)`` trains the suffix of :func:`pyft.split.split_model` on the subsample's
+   cached prefix activations, as the real run does. A model pyft cannot split at ``k`` trains
+   ``freeze_first`` end to end with the prefix frozen, in the trial and in the real run, and the
+   advice says so.
 
-Thresholds (module constants; the advice reports them):
+4. **Costs from measured times**. Each trial measures seconds per sample of its own work: the
+   prefix pass that fills the cache (paid once per sample in the real run), the training step of
+   what trains (forward, backward and optimizer step: paid every epoch), and the evaluation
+   pass. The estimated wall time of the real run is ``prefix * (n + n_val)`` +
+   ``epochs * (train * n + eval * n_val)``; early stopping can only make it shorter.
+
+The advice reports, per candidate, the best learning rate, the trial's validation accuracy with
+its standard error, the gap to the best candidate (with the standard error of the paired
+difference: the candidates are scored on the same samples) and the estimated time of the real
+run; it recommends the cheapest candidate whose gap is within tolerance.
+
+Thresholds and settings (module constants; the advice reports them):
 
 ``SMALL_PER_CLASS = 1000``
     Data is "small" below this many samples per class. ImageNet-1k, where the weights come from,
@@ -27,12 +49,20 @@ Thresholds (module constants; the advice reports them):
     The domain counts as "similar" when the last block's probe accuracy is within one percentage
     point (or one standard error of the cross-validation, if larger) of the best depth's.
 ``ACCURACY_TOLERANCE = 0.01``
-    Among trial results, a cheaper strategy is preferred when its accuracy is within this
-    (or one standard error of the trial's validation accuracy, if larger) of the best.
+    A cheaper candidate is preferred when its trial accuracy is within this (or one standard
+    error of the paired difference, if larger) of the best candidate's.
+``BUDGET_SHARE = 0.1``
+    The default time budget of :func:`advise` is this share of one estimated ``full`` run over
+    all the data: ``auto`` aims at a fifth of a full fine-tuning run for advice and training
+    together.
+``LR_GRIDS``
+    The learning rates each candidate tries (the new head's rate; pretrained layers train at
+    ``lr_ratio`` times it). Convolutional networks fine-tune well with AdamW around 1e-3..1e-2;
+    transformer encoders need about ten times less (BERT's recipe is 2e-5..5e-5 for the body,
+    i.e. 2e-4..5e-4 at ``lr_ratio=0.1``). Every candidate, ``head_only`` included, tries the
+    same grid.
 
-The quadrant table is the prior; trial results, when they ran, decide. On real data full
-fine-tuning from pretrained weights often wins even for "dissimilar" data, while freezing the
-first blocks comes close at a fraction of the cost: the advice states both in numbers.
+The quadrant table is the prior, reported beside the trials; when trials ran, they decide.
 """
 
 from __future__ import annotations
@@ -40,9 +70,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,17 +81,28 @@ from torch import nn
 
 from pyft.data import take
 
-__all__ = ["advise", "Advice", "SMALL_PER_CLASS", "SIMILAR_TOLERANCE", "ACCURACY_TOLERANCE"]
+__all__ = ["advise", "Advice", "SMALL_PER_CLASS", "SIMILAR_TOLERANCE", "ACCURACY_TOLERANCE",
+           "BUDGET_SHARE", "LR_GRIDS"]
 
 SMALL_PER_CLASS = 1000
 SIMILAR_TOLERANCE = 0.01
 ACCURACY_TOLERANCE = 0.01
+BUDGET_SHARE = 0.1
+LR_GRIDS = {"image": (1e-3, 3e-3, 1e-2), "text": (1e-4, 3e-4, 1e-3)}
 _log = logging.getLogger("pyft")
 
 
 @dataclass
 class Advice:
-    """The recommendation of :func:`advise` and every measurement behind it."""
+    """The recommendation of :func:`advise` and every measurement behind it.
+
+    ``trials`` maps each candidate (``"head_only"``, ``"freeze_first(k)"``, ``"full"``,
+    ``"scratch"``) to a dict with ``strategy``, ``k``, ``lr`` (the best of the grid),
+    ``accuracy`` and ``stderr`` (trial validation accuracy), ``gap`` and ``gap_stderr`` (to the
+    best candidate, paired), ``estimated_seconds`` (the real run), ``cost`` (the measured
+    seconds per sample it comes from), ``cached`` and ``note``; ``lr_grid`` holds every rate's
+    result.
+    """
 
     strategy: str
     k: Optional[int]
@@ -73,6 +115,8 @@ class Advice:
     thresholds: Dict[str, float]
     seconds: float
     block_names: List[str] = field(default_factory=list)
+    lr: Optional[float] = None
+    trial_setup: Dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> Any:
         """The recommended strategy as a :class:`pyft.freezing.Policy`."""
@@ -82,16 +126,27 @@ class Advice:
             return freezing.freeze_first(self.k)
         return getattr(freezing, self.strategy)()
 
+    @property
+    def choice(self) -> Optional[Dict[str, Any]]:
+        """The trial entry of the recommended candidate (None without trials)."""
+        for t in self.trials.values():
+            if t.get("recommended"):
+                return t
+        return None
+
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "strategy": self.strategy, "k": self.k, "reason": self.reason, "size": self.size,
-            "probes": self.probes, "bn_shift": self.bn_shift, "trials": self.trials,
-            "prior": self.prior, "thresholds": self.thresholds, "seconds": self.seconds,
+            "strategy": self.strategy, "k": self.k, "lr": self.lr, "reason": self.reason,
+            "size": self.size, "probes": self.probes, "bn_shift": self.bn_shift,
+            "trials": self.trials, "trial_setup": self.trial_setup, "prior": self.prior,
+            "thresholds": self.thresholds, "seconds": self.seconds,
         }
 
     def __str__(self) -> str:
         name = self.strategy + (f"(k={self.k}: {self.block_names[self.k - 1]})"
                                 if self.strategy == "freeze_first" and self.k else "")
+        if self.lr is not None and self.strategy != "head_only":
+            name += f" at lr {self.lr:g}"
         lines = [f"Recommended: {name}", f"Why: {self.reason}"]
         s = self.size
         lines.append(f"Data: {s['samples']} samples, {s['classes']} classes, "
@@ -106,10 +161,21 @@ class Advice:
             worst = max(self.bn_shift, key=lambda b: b["kl"])
             lines.append(f"BatchNorm statistics shift (KL, nats): first block "
                          f"{self.bn_shift[0]['kl']:.2f}, largest {worst['kl']:.2f} at {worst['block']}")
+        ts = self.trial_setup
+        if ts:
+            lines.append(f"Trials: {ts['train_samples']} train / {ts['val_samples']} validation "
+                         f"samples, {ts['steps']} AdamW steps of batch {ts['batch_size']} each, "
+                         f"{ts['seconds']:.0f} s of a {ts['budget']:.0f} s budget")
+        lines.append(f"  {'candidate':<18} {'lr':>7} {'accuracy':>14} {'gap':>7} {'est. run':>9}")
         for name_, t in self.trials.items():
-            acc = "n/a" if t.get("accuracy") is None else f"{t['accuracy']:.3f}"
-            lines.append(f"  {name_:<22} accuracy {acc:>6}  est. run {_fmt_s(t['estimated_seconds'])}"
-                         f"  ({t['note']})")
+            if t.get("accuracy") is None:
+                lines.append(f"  {name_:<18} {'':>7} {'n/a':>14} {'':>7} "
+                             f"{_fmt_s(t['estimated_seconds']):>9}  ({t['note']})")
+                continue
+            mark = " <-" if t.get("recommended") else ""
+            lines.append(f"  {name_:<18} {t['lr']:>7.0e} {t['accuracy']:>7.3f} +-{t['stderr']:.3f}"
+                         f" {-t['gap']:>+7.3f} {_fmt_s(t['estimated_seconds']):>9}  "
+                         f"({t['note']}){mark}")
         return "\n".join(lines)
 
 
@@ -142,8 +208,6 @@ def _as_inputs_labels(data: Any, labels: Any) -> Tuple[Any, np.ndarray]:
     return data, y
 
 
-
-
 def _stratified_subsample(y: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     if m >= len(y):
         return rng.permutation(len(y))
@@ -156,8 +220,25 @@ def _stratified_subsample(y: np.ndarray, m: int, rng: np.random.Generator) -> np
     return rng.permutation(np.concatenate(picks))
 
 
+def _stratified_halves(y: np.ndarray, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions with every class in both where it has two samples."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    strat = y if counts[counts > 0].min() >= 2 else None
+    tr, va = train_test_split(idx, test_size=n_val, stratify=strat, random_state=seed)
+    return tr, va
+
+
 def _batches(n: int, bs: int) -> List[slice]:
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+
+def _to(x: Any, dev: torch.device) -> Any:
+    if isinstance(x, dict):
+        return {key: v.to(dev) for key, v in x.items()}
+    return x.to(dev)
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -165,7 +246,7 @@ class _BNStats:
     """Per-channel mean and variance of every BatchNorm layer's input, accumulated over batches."""
 
     def __init__(self, net: nn.Module) -> None:
-        self.sums: Dict[str, List[torch.Tensor]] = {}
+        self.sums: Dict[str, List[Any]] = {}
         self.handles = []
         for name, m in net.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats \
@@ -179,8 +260,8 @@ class _BNStats:
             cnt = x.numel() // x.shape[1]
             s = self.sums.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64),
                                             torch.zeros(x.shape[1], dtype=torch.float64), 0])
-            s[0] += x.sum(dims)
-            s[1] += (x * x).sum(dims)
+            s[0] += x.sum(dims).cpu()
+            s[1] += (x * x).sum(dims).cpu()
             s[2] += cnt
         return hook
 
@@ -194,11 +275,64 @@ class _BNStats:
             m = net.get_submodule(name)
             mu = s1 / cnt
             var = (s2 / cnt - mu * mu).clamp_min(0) + m.eps
-            rm = m.running_mean.double()
-            rv = m.running_var.double() + m.eps
+            rm = m.running_mean.double().cpu()
+            rv = m.running_var.double().cpu() + m.eps
             kl = 0.5 * ((mu - rm) ** 2 / rv + var / rv - 1.0 - torch.log(var / rv))
             out[name] = float(kl.mean())
         return out
+
+
+def _probe_pass(work: Any, x_sub: Any, batch_size: int, dev: torch.device
+                ) -> Tuple[List[np.ndarray], np.ndarray, float, np.ndarray]:
+    """One inference pass: pooled output of every block, the head's input, seconds per sample
+    (preprocessing included) and the share of the forward time spent up to each block's tap."""
+    from pyft.models import _pool
+
+    nb = len(work.blocks)
+    pooled: List[List[np.ndarray]] = [[] for _ in range(nb)]
+    head_in: List[np.ndarray] = []
+    up_to = np.zeros(nb)
+    state: Dict[str, Any] = {}
+
+    def tap(i: int, where: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: Tuple[Any, ...], out: Any = None) -> None:
+            if i in state["seen"]:
+                return
+            x = args[0] if where == "input" else out
+            if isinstance(x, (tuple, list)):
+                x = x[0]
+            state["seen"].add(i)
+            pooled[i].append(_pool(x, state["mask"]).float().cpu().numpy().copy())
+            up_to[i] += time.perf_counter() - state["t0"]
+        return hook
+
+    def grab_head(_m: nn.Module, args: Tuple[Any, ...]) -> None:
+        head_in.append(args[0].detach().float().cpu().numpy().copy())
+
+    handles = []
+    for i, b in enumerate(work.blocks):
+        mod = work.net.get_submodule(b.tap[0])
+        h = tap(i, b.tap[1])
+        handles.append(mod.register_forward_pre_hook(h) if b.tap[1] == "input"
+                       else mod.register_forward_hook(h))
+    handles.append(work.head.register_forward_pre_hook(grab_head))
+    n = len(x_sub) if not hasattr(x_sub, "shape") else x_sub.shape[0]
+    forward_time = 0.0
+    t_start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for sl in _batches(n, batch_size):
+                x = _to(work.preprocess(take(x_sub, np.arange(n)[sl])), dev)
+                state.update(seen=set(), t0=time.perf_counter(),
+                             mask=x.get("attention_mask") if isinstance(x, dict) else None)
+                work.run(x)
+                forward_time += time.perf_counter() - state["t0"]
+    finally:
+        for h in handles:
+            h.remove()
+    per_sample = (time.perf_counter() - t_start) / n
+    share = np.clip(up_to / max(forward_time, 1e-12), 0.0, 1.0)
+    return [np.concatenate(p) for p in pooled], np.concatenate(head_in), per_sample, share
 
 
 def _probe(features: np.ndarray, y: np.ndarray, folds: int, seed: int) -> Tuple[float, float]:
@@ -219,56 +353,100 @@ def _probe(features: np.ndarray, y: np.ndarray, folds: int, seed: int) -> Tuple[
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
-def _trial(model: Any, policy: Any, x_tr: Any, y_tr: np.ndarray, x_va: Any, y_va: np.ndarray,
-           budget: float, lr: float, batch_size: int, seed: int, max_epochs: int
-           ) -> Dict[str, Any]:
-    """Train a copy of ``model`` under ``policy`` for at most ``budget`` seconds."""
-    m = copy.deepcopy(model)
-    groups = m.freeze(policy, lr=lr, weight_decay=1e-4)
-    opt = torch.optim.AdamW(groups)
-    gen = torch.Generator().manual_seed(seed)
-    yt = torch.as_tensor(y_tr, dtype=torch.long)
-    n = len(y_tr)
-    seen, train_time, epochs = 0, 0.0, 0
-    m.train()
-    start = time.perf_counter()
-    while epochs < max_epochs:
-        order = torch.randperm(n, generator=gen).numpy()
+def _recalibrate_bn(forward: Callable[[Any], torch.Tensor], net: nn.Module,
+                    x_train: Callable[[np.ndarray], Any], n: int, batch_size: int) -> None:
+    """Running statistics of the trained BatchNorm layers from one pass over the training rows.
+
+    A short trial moves BatchNorm's running averages only a little (EfficientNet's momentum is
+    0.01) while the weights change, so evaluating with them would score the stale statistics,
+    not the strategy; a real run of many epochs has converged ones (``torch.optim.swa_utils.
+    update_bn`` does the same). Frozen BatchNorm layers keep their statistics.
+    """
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and m.running_mean is not None
+           and any(q.requires_grad for q in m.parameters())]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    try:
+        with torch.no_grad():
+            for sl in _batches(n, batch_size):
+                forward(x_train(np.arange(n)[sl]))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+def _short_run(forward: Callable[[Any], torch.Tensor], set_train: Callable[[bool], Any],
+               groups: List[Dict[str, Any]], x_train: Callable[[np.ndarray], Any],
+               y_train: np.ndarray, x_val: Callable[[np.ndarray], Any], y_val: np.ndarray,
+               epochs: int, batch_size: int, seed: int, net: nn.Module) -> Dict[str, Any]:
+    """The one trial recipe every candidate gets: AdamW with warm-up and cosine decay over
+    ``epochs`` passes of ``y_train`` (batch order from ``seed``), BatchNorm statistics
+    recalibrated on the training rows, then one validation pass.
+
+    ``x_train(idx)`` / ``x_val(idx)`` give the inputs of ``forward`` for those rows (cached
+    activations, or preprocessed raw inputs). Returns per-sample correctness on the validation
+    rows and the measured seconds per trained sample (the median step: the first steps of a
+    short run pay one-off allocations a long run does not) and per evaluated sample.
+    """
+    from pyft.finetune import warmup_cosine
+
+    n = len(y_train)
+    steps = epochs * math.ceil(n / batch_size)
+    opt, sched = warmup_cosine(groups, steps)
+    yt = torch.as_tensor(y_train, dtype=torch.long)
+    step_s: List[float] = []
+    diverged = False
+    t_run = time.perf_counter()
+    set_train(True)
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
         for sl in _batches(n, batch_size):
             idx = order[sl]
             t0 = time.perf_counter()
-            xb = m.preprocess(take(x_tr, idx))
-            loss = nn.functional.cross_entropy(m.run(xb), yt[idx])
+            out = forward(x_train(idx)).float()
+            loss = nn.functional.cross_entropy(out, yt[idx].to(out.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            train_time += time.perf_counter() - t0
-            seen += len(idx)
-            # The budget is soft for the first epoch: a trial that saw only part of the data
-            # would measure an untrained network, not the strategy.
-            if time.perf_counter() - start > budget and seen >= n:
-                break
-        else:
-            epochs += 1
-            continue
-        break
-    m.eval()
-    correct = 0
+            sched.step()
+            step_s.append((time.perf_counter() - t0) / len(idx))
+            if not math.isfinite(float(loss.detach())):
+                diverged = True
+    _recalibrate_bn(forward, net, x_train, n, 64)
+    set_train(False)
+    correct = np.zeros(len(y_val), bool)
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        for sl in _batches(len(y_va), 64):
-            pred = m.run(m.preprocess(take(x_va, np.arange(len(y_va))[sl]))).argmax(1).numpy()
-            correct += int((pred == y_va[sl]).sum())
-    acc = correct / len(y_va)
-    return {"accuracy": acc, "stderr": math.sqrt(max(acc * (1 - acc), 1e-12) / len(y_va)),
-            "seconds_per_sample": train_time / max(seen, 1), "samples_seen": seen,
-            "epochs": seen / n, "trial_seconds": time.perf_counter() - start}
+        for sl in _batches(len(y_val), 64):
+            pred = forward(x_val(np.arange(len(y_val))[sl])).float().argmax(1).cpu().numpy()
+            correct[sl] = pred == y_val[sl]
+    eval_s = time.perf_counter() - t0
+    acc = float(correct.mean())
+    return {"correct": correct, "accuracy": acc, "diverged": diverged,
+            "stderr": math.sqrt(max(acc * (1 - acc), 1e-12) / len(y_val)),
+            "train_per_sample": float(np.median(step_s)), "eval_per_sample": eval_s / len(y_val),
+            "seconds": time.perf_counter() - t_run}
+
+
+def _paired_stderr(a: np.ndarray, b: np.ndarray) -> float:
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 # ---------------------------------------------------------------------------- advise
 def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[float] = None,
-           epochs: int = 10, probe_samples: int = 1000, folds: int = 3, trials: bool = True,
-           batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> Advice:
-    """Recommend ``head_only``, ``freeze_first(k)``, ``full`` or ``scratch`` for ``model`` on ``data``.
+           epochs: int = 10, val_samples: Optional[int] = None, probe_samples: int = 1000,
+           folds: int = 3, trials: bool = True, batch_size: int = 32, trial_epochs: int = 2,
+           lrs: Optional[Sequence[float]] = None, ks: Optional[Sequence[Any]] = None,
+           lr_ratio: float = 0.1,
+           weight_decay: float = 1e-4, seed: int = 0) -> Advice:
+    """Recommend ``head_only``, ``freeze_first(k)`` or ``full`` (and a learning rate) for
+    ``model`` on ``data``.
 
     Parameters
     ----------
@@ -276,28 +454,45 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         A model from :func:`pyft.load_model` (a spec string is loaded with the labels' classes).
         It is not modified: trials run on copies.
     data : images or texts, or (inputs, labels)
-        What :meth:`FineTunableModel.preprocess` accepts, indexable by sample.
+        What :meth:`FineTunableModel.preprocess` accepts, indexable by sample: the training data
+        of the real run.
     labels : array of shape (n,), optional
     time_budget : float, optional
-        Seconds for the trial runs. Default: 10% of the estimated time of one full fine-tuning
-        run of ``epochs`` epochs over all the data, between 5 s and 10 min.
+        Seconds for the whole advice; the trials' size is planned to fit it. Default:
+        ``BUDGET_SHARE`` (10%) of the estimated time of one ``full`` run of ``epochs`` epochs
+        over all the data, between 5 s and 10 min. The trials keep their minimum size (4
+        batches or 20 per class) even when that exceeds the budget; ``trial_setup`` says by
+        how much.
     epochs : int
         Epochs of the real run the cost estimates assume.
+    val_samples : int, optional
+        Validation samples of the real run (evaluated every epoch); default 10% of ``data``.
     probe_samples : int
         Size of the stratified subsample that probes and trials use.
     folds : int
         Cross-validation folds of the linear probes.
     trials : bool
         ``False`` skips the trial runs (advice from size and probes only).
-    batch_size, lr : int, float
-        Trial runs use AdamW at ``lr`` for the head and ``0.1 * lr`` for pretrained layers.
+    batch_size, trial_epochs : int
+        Trial runs: AdamW with warm-up and cosine decay, ``trial_epochs`` passes over the
+        trials' training half, the same for every candidate.
+    ks : sequence of int or str, optional
+        The depths ``freeze_first`` tries. Default: through the block whose probe is best (at
+        least the last two blocks train) and through all but the last two blocks. A depth
+        pyft cannot split at trains end to end with the prefix frozen; then only one is tried.
+    lrs : sequence of float, optional
+        The learning rates every candidate tries (the new head's rate); default ``LR_GRIDS``
+        for the model's kind.
+    lr_ratio, weight_decay : float
+        As in :class:`pyft.FineTuner`: pretrained layers train at ``lr_ratio`` times the rate.
     seed : int
-        Seeds the subsample, the folds and the trials.
+        Seeds the subsample, the folds, the split and the trials.
 
     Returns
     -------
     Advice
-        ``strategy``, ``k``, a readable ``reason`` and every measurement (``print(advice)``).
+        ``strategy``, ``k``, ``lr``, a readable ``reason`` and every measurement
+        (``print(advice)``).
     """
     from pyft.models import FineTunableModel, load_model
 
@@ -315,14 +510,25 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         raise ValueError(f"labels hold {len(classes)} classes but the model's head has "
                          f"{model.num_classes} outputs; load it with num_classes={len(classes)}")
     for name, v, lo in (("epochs", epochs, 1), ("probe_samples", probe_samples, 20),
-                        ("folds", folds, 2), ("batch_size", batch_size, 1)):
+                        ("folds", folds, 2), ("batch_size", batch_size, 1),
+                        ("trial_epochs", trial_epochs, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
     if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
                                     or not time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
+    if val_samples is not None and (isinstance(val_samples, bool)
+                                    or not isinstance(val_samples, (int, np.integer)) or val_samples < 0):
+        raise ValueError(f"val_samples must be an int >= 0; got {val_samples!r}")
+    if lrs is None:
+        lrs = LR_GRIDS.get(model.kind, LR_GRIDS["image"])
+    lrs = tuple(lrs)
+    if not lrs or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                      for v in lrs):
+        raise ValueError(f"lrs must be a non-empty sequence of positive numbers; got {lrs!r}")
 
     n = len(y_all)
+    n_val_real = int(round(0.1 * n)) if val_samples is None else int(val_samples)
     counts = np.bincount(y_idx)
     rng = np.random.default_rng(seed)
     sub = _stratified_subsample(y_idx, probe_samples, rng)
@@ -332,37 +538,30 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     if folds_eff < 2:
         raise ValueError("every class needs at least 2 samples in the probe subsample; "
                          f"the smallest class has {int(counts.min())}")
+    dev = next(model.parameters()).device
 
-    # One pass: pooled outputs of every block and BatchNorm input statistics.
+    # One pass: pooled outputs of every block, the head's input, BatchNorm input statistics and
+    # the forward time up to each block.
     work = copy.deepcopy(model)
     work.eval()
     bn = _BNStats(work.net)
-    nb = len(work.blocks)
-    pooled: List[List[np.ndarray]] = [[] for _ in range(nb)]
-    t0 = time.perf_counter()
     try:
-        with torch.inference_mode():
-            for sl in _batches(len(sub), 64):
-                outs = work.block_outputs(work.preprocess(take(x_sub, np.arange(len(sub))[sl])),
-                                          range(nb))
-                for i in range(nb):
-                    pooled[i].append(outs[i].float().numpy())
+        feats, head_feats, fwd_per_sample, share = _probe_pass(work, x_sub, 64, dev)
     finally:
         bn.remove()
-    fwd_per_sample = (time.perf_counter() - t0) / len(sub)
-    feats = [np.concatenate(p) for p in pooled]
+    nb = len(work.blocks)
 
     probes = []
     for i in range(nb):
         acc, se = _probe(feats[i], y_sub, folds_eff, seed)
         probes.append({"block": work.blocks[i].name, "index": i, "accuracy": acc, "stderr": se,
-                       "dim": int(feats[i].shape[1]), "folds": folds_eff, "samples": int(len(sub))})
+                       "dim": int(feats[i].shape[1]), "folds": folds_eff, "samples": int(len(sub)),
+                       "forward_share": float(share[i])})
     accs = np.array([p["accuracy"] for p in probes])
     best = int(accs.argmax())
     last_gap = float(accs[best] - accs[-1])
     similar = last_gap <= max(SIMILAR_TOLERANCE, probes[-1]["stderr"])
 
-    # BatchNorm shift per block.
     kl = bn.kl(work.net)
     bn_shift = []
     for i, b in enumerate(work.blocks):
@@ -370,7 +569,6 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         if vals:
             bn_shift.append({"block": b.name, "index": i, "kl": float(np.mean(vals)), "layers": len(vals)})
 
-    # Size of the options.
     head_params = sum(p.numel() for p in work.head.parameters())
     total_params = work.num_parameters()
     suffix_params = [head_params + sum(p.numel() for j in range(i, nb) for p in work.block_parameters(j))
@@ -391,78 +589,218 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     quadrant = {("small", "similar"): "head_only", ("small", "dissimilar"): "freeze_first",
                 ("large", "similar"): "full", ("large", "dissimilar"): "full"}[(prior_size, prior_sim)]
 
-    # Trials.
-    from pyft.heads import HeadClassifier
+    # Trial halves of the subsample: the same for every candidate.
+    n_val = max(2 * len(classes), int(round(0.3 * len(sub))))
+    n_val = min(n_val, len(sub) - max(len(classes), 2))
+    tr_pos, va_pos = _stratified_halves(y_sub, n_val, seed)
 
-    results: Dict[str, Dict[str, Any]] = {}
-    n_val = max(len(classes) * 2, len(sub) // 4)
-    va, tr = np.arange(len(sub))[:n_val], np.arange(len(sub))[n_val:]
-    f_last = feats[-1]
-    mu, sd = f_last[tr].mean(0), f_last[tr].std(0) + 1e-6
-    clf = HeadClassifier(solver="lbfgs", C=1.0, max_iter=100, random_state=seed)
-    clf.fit((f_last[tr] - mu) / sd, y_sub[tr])
-    acc_head = float(clf.score((f_last[va] - mu) / sd, y_sub[va]))
-    results["head_only"] = {
-        "accuracy": acc_head, "stderr": math.sqrt(max(acc_head * (1 - acc_head), 1e-12) / len(va)),
-        "estimated_seconds": fwd_per_sample * n, "note": "one body pass, then the native head trainer"}
-
-    # Cost of a full fine-tuning run, measured on one batch (forward + backward).
+    # Cost of one full fine-tuning step, measured on one batch (forward + backward): it plans
+    # the trials and the default budget; the estimates come from the trials themselves.
     probe_model = copy.deepcopy(model)
     probe_model.freeze("full")
     probe_model.train()
-    nb_meas = min(batch_size, len(tr))
-    xb = probe_model.preprocess(take(x_sub, tr[:nb_meas]))
-    yb = torch.as_tensor(y_sub[tr[:nb_meas]], dtype=torch.long)
+    nb_meas = min(batch_size, len(tr_pos))
+    xb = _to(probe_model.preprocess(take(x_sub, tr_pos[:nb_meas])), dev)
+    yb = torch.as_tensor(y_sub[tr_pos[:nb_meas]], dtype=torch.long, device=dev)
     t0 = time.perf_counter()
-    nn.functional.cross_entropy(probe_model.run(xb), yb).backward()
+    nn.functional.cross_entropy(probe_model.run(xb).float(), yb).backward()
     full_per_sample = (time.perf_counter() - t0) / nb_meas
-    del probe_model
-    full_run = full_per_sample * n * epochs
-    budget = time_budget if time_budget is not None else min(600.0, max(5.0, 0.1 * full_run))
+    del probe_model, xb
+    full_run = full_per_sample * n * epochs + fwd_per_sample * n_val_real * epochs
+    budget = time_budget if time_budget is not None else \
+        min(600.0, max(5.0, BUDGET_SHARE * full_run))
 
+    from pyft.split import split_model
+
+    ks = sorted({k, max(1, nb - 2)}) if ks is None else \
+        sorted({max(1, work.block_index(v, argument="ks")) for v in ks})
+    split_notes: Dict[int, str] = {}
+    for kk in ks:
+        try:
+            split_model(work, kk)
+        except NotImplementedError as e:
+            split_notes[kk] = str(e).split(":")[0]
+    if split_notes:  # trialled end to end, one uncached depth is enough
+        ks = [kk for kk in ks if kk not in split_notes] or [k]
+
+    results: Dict[str, Dict[str, Any]] = {}
+    setup: Dict[str, Any] = {}
     if trials:
-        y_tr, y_va = y_sub[tr], y_sub[va]
-        x_tr, x_va = take(x_sub, tr), take(x_sub, va)
-        for name, policy, share in ((f"freeze_first({k})", ("freeze_first", {"k": k}), 0.4),
-                                    ("full", ("full", {}), 0.6)):
-            from pyft.freezing import freeze_first, full
-
-            pol = freeze_first(k) if policy[0] == "freeze_first" else full()
-            r = _trial(model, pol, x_tr, y_tr, x_va, y_va, budget * share, lr, batch_size, seed,
-                       max_epochs=epochs)
-            if name == "full":
-                r["estimated_seconds"] = r["seconds_per_sample"] * n * epochs
-                r["note"] = f"{r['epochs']:.1f} trial epochs on {len(tr)} samples"
+        # Size the trials' training half to the budget left: every rate of every candidate
+        # runs trial_epochs passes over it, then one recalibration and one validation pass.
+        # full: the steps, then one BatchNorm recalibration pass
+        train_cost = full_per_sample + fwd_per_sample / trial_epochs
+        fixed = len(lrs) * n_val * fwd_per_sample
+        for kk in ks:
+            pre = float(share[kk - 1])
+            if kk in split_notes:
+                train_cost += full_per_sample * (1 - pre) + fwd_per_sample * (1 + pre)
+                fixed += len(lrs) * n_val * fwd_per_sample
             else:
-                prefix = fwd_per_sample * (k / nb)  # rough split of the forward cost
-                r["estimated_seconds"] = prefix * n + max(r["seconds_per_sample"] - prefix, 0) * n * epochs
-                r["note"] = (f"{r['epochs']:.1f} trial epochs on {len(tr)} samples; "
-                             "cached prefix in the real run")
-            results[name] = r
-            _log.info("trial %s: accuracy %.3f in %.1f s", name, r["accuracy"], r["trial_seconds"])
+                train_cost += full_per_sample * (1 - pre) + fwd_per_sample * (1 - pre)
+                fixed += len(sub) * fwd_per_sample * pre
+        per_row = len(lrs) * trial_epochs * train_cost
+        left = budget - (time.perf_counter() - t_start) - fixed
+        # Fewer rows than this measure noise, not strategies: the budget gives way.
+        min_rows = min(len(tr_pos), max(8 * batch_size, 20 * len(classes)))
+        rows = int(np.clip(left / per_row if per_row > 0 else len(tr_pos), min_rows, len(tr_pos)))
+        tr_pos = tr_pos[:rows]
+        y_tr, y_va = y_sub[tr_pos], y_sub[va_pos]
+        steps = trial_epochs * math.ceil(rows / batch_size)
+        t_trials = time.perf_counter()
+        raw_tr, raw_va = take(x_sub, tr_pos), take(x_sub, va_pos)
+
+        def raw(m: Any, x: Any) -> Callable[[np.ndarray], Any]:
+            return lambda idx: _to(m.preprocess(take(x, idx)), dev)
+
+        def cached(x: torch.Tensor) -> Callable[[np.ndarray], Any]:
+            return lambda idx: x[torch.as_tensor(idx)].to(dev)
+
+        # Every trial starts from the model as given (the same new head for all): head_only
+        # gets the same short AdamW run as the others, not a converged solver.
+        h = torch.from_numpy(np.ascontiguousarray(head_feats, dtype=np.float32))
+        h_tr, h_va = h[torch.as_tensor(tr_pos)], h[torch.as_tensor(va_pos)]
+
+        def runner(policy: str, opts: Dict[str, Any], fwd: Callable[[Any], Callable[[Any], Any]],
+                   x_tr: Callable[[Any], Callable[[np.ndarray], Any]],
+                   x_va: Callable[[Any], Callable[[np.ndarray], Any]]
+                   ) -> Callable[[float], Dict[str, Any]]:
+            def run(lr: float) -> Dict[str, Any]:
+                m = copy.deepcopy(model)
+                groups = m.freeze(policy, lr=lr, weight_decay=weight_decay, **opts)
+                return _short_run(fwd(m), m.train, groups, x_tr(m), y_tr, x_va(m), y_va,
+                                  trial_epochs, batch_size, seed, m.net)
+            return run
+
+        acts: Dict[int, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+        if any(kk not in split_notes for kk in ks):
+            from pyft.cache import extract_features
+
+            with tempfile.TemporaryDirectory(prefix="pyft-advise-") as tmp:
+                for kk in ks:
+                    if kk in split_notes:
+                        continue
+                    t0 = time.perf_counter()
+                    entry = extract_features(work, x_sub, cut=kk, cache_dir=tmp, batch_size=64,
+                                             progress=False, distributed=False)
+                    act = torch.from_numpy(np.asarray(entry.features, dtype=np.float32))
+                    acts[kk] = (act[torch.as_tensor(tr_pos)], act[torch.as_tensor(va_pos)],
+                                (time.perf_counter() - t0) / len(sub))
+                    del entry, act
+
+        def suffix_of(kk: int) -> Callable[[Any], Callable[[Any], Any]]:
+            return lambda m: split_model(m, kk)[1]
+
+        def run_of(m: Any) -> Callable[[Any], Any]:
+            return m.run
+
+        def raw_tr_of(m: Any) -> Callable[[np.ndarray], Any]:
+            return raw(m, raw_tr)
+
+        def raw_va_of(m: Any) -> Callable[[np.ndarray], Any]:
+            return raw(m, raw_va)
+
+        def ff_runner(kk: int) -> Callable[[float], Dict[str, Any]]:
+            opts = {"k": kk, "lr_ratio": lr_ratio}
+            if kk in acts:
+                a_tr, a_va, _ = acts[kk]
+                return runner("freeze_first", opts, suffix_of(kk), lambda m: cached(a_tr),
+                              lambda m: cached(a_va))
+            return runner("freeze_first", opts, run_of, raw_tr_of, raw_va_of)
+
+        n_all = n + n_val_real
+        cands = [("head_only", "head_only", None,
+                  lambda: runner("head_only", {}, lambda m: m.head, lambda m: cached(h_tr),
+                                 lambda m: cached(h_va)))]
+        cands += [(f"freeze_first({kk})", "freeze_first", kk, (lambda kk=kk: ff_runner(kk)))
+                  for kk in ks]
+        cands += [("full", "full", None,
+                   lambda: runner("full", {"lr_ratio": lr_ratio}, run_of, raw_tr_of, raw_va_of))]
+        for cname, strat, kk, make in cands:
+            runs = []
+            t_make = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                run_one = make()
+            t_make = time.perf_counter() - t_make
+            for lr in lrs:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    r = run_one(lr)
+                r["lr"] = float(lr)
+                runs.append(r)
+                _log.info("trial %s lr %g: accuracy %.3f in %.1f s", cname, lr, r["accuracy"],
+                          r["seconds"])
+            ok = [r for r in runs if not r["diverged"]] or runs
+            top = max(ok, key=lambda r: (r["accuracy"], -r["lr"]))
+            tr_s, ev_s = top["train_per_sample"], top["eval_per_sample"]
+            if strat == "head_only":
+                pre = fwd_per_sample
+                note = "one body pass, then the head on the cache"
+            elif strat == "freeze_first" and kk in acts:
+                pre = acts[kk][2]
+                note = f"cached prefix ({pre * 1e3:.1f} ms/sample once), suffix trains"
+            elif strat == "freeze_first":
+                pre = 0.0
+                note = (f"NOT cached: {split_notes[kk]}; end to end with the prefix frozen, "
+                        "the estimate is uncached")
+            else:
+                pre = 0.0
+                note = "end to end"
+            est = pre * n_all + epochs * (tr_s * n + ev_s * n_val_real)
+            results[cname] = {
+                "strategy": strat, "k": kk, "lr": top["lr"], "accuracy": top["accuracy"],
+                "stderr": top["stderr"], "estimated_seconds": est,
+                "cached": strat == "head_only" or (strat == "freeze_first" and kk in acts),
+                "cost": {"prefix_per_sample": pre, "train_per_sample": tr_s,
+                         "eval_per_sample": ev_s},
+                "trial_seconds": t_make + float(sum(r["seconds"] for r in runs)),
+                "lr_grid": [{"lr": r["lr"], "accuracy": r["accuracy"], "diverged": r["diverged"]}
+                            for r in runs],
+                "note": note, "_correct": top["correct"]}
+        setup = {"train_samples": int(rows), "val_samples": int(len(va_pos)), "steps": int(steps),
+                 "epochs": int(trial_epochs), "batch_size": int(batch_size), "lrs": list(lrs),
+                 "seconds": time.perf_counter() - t_trials, "budget": float(budget)}
     results["scratch"] = {
-        "accuracy": None, "estimated_seconds": full_per_sample * n * epochs * 3,
+        "strategy": "scratch", "k": None, "lr": None, "accuracy": None, "stderr": None,
+        "estimated_seconds": full_per_sample * n * epochs * 3, "cached": False,
         "note": "not trialled: needs far more data than a subsample; assumes 3x the epochs"}
 
-    # Decision.
+    # Decision: the cheapest candidate within tolerance of the best trial accuracy.
+    lr_choice: Optional[float] = None
+    k_choice: Optional[int] = k
     if trials:
-        cands = {kname: r for kname, r in results.items() if r.get("accuracy") is not None}
-        top = max(cands.values(), key=lambda r: r["accuracy"])
-        tol = max(ACCURACY_TOLERANCE, top["stderr"])
-        ok = [kname for kname, r in cands.items() if r["accuracy"] >= top["accuracy"] - tol]
-        choice = min(ok, key=lambda kname: cands[kname]["estimated_seconds"])
-        best_name = max(cands, key=lambda kname: cands[kname]["accuracy"])
-        strategy = "freeze_first" if choice.startswith("freeze_first") else choice
-        parts = [f"on a {len(tr)}-sample trial, {choice} reached {cands[choice]['accuracy']:.1%} "
-                 f"(est. {_fmt_s(cands[choice]['estimated_seconds'])} for {epochs} epochs on all {n} samples)"]
+        cands_r = {c: r for c, r in results.items() if r.get("accuracy") is not None}
+        best_name = max(cands_r, key=lambda c: (cands_r[c]["accuracy"],
+                                                -cands_r[c]["estimated_seconds"]))
+        top = cands_r[best_name]
+        for c, r in cands_r.items():
+            r["gap"] = float(top["accuracy"] - r["accuracy"])
+            r["gap_stderr"] = _paired_stderr(top["_correct"], r["_correct"])
+        ok = [c for c, r in cands_r.items()
+              if r["gap"] <= max(ACCURACY_TOLERANCE, r["gap_stderr"]) + 1e-12]
+        choice = min(ok, key=lambda c: cands_r[c]["estimated_seconds"])
+        for c, r in cands_r.items():
+            r["recommended"] = c == choice
+            del r["_correct"]
+        ch = cands_r[choice]
+        strategy = ch["strategy"]
+        lr_choice = ch["lr"]
+        k_choice = ch["k"]
+        parts = [f"on a {setup['train_samples']}-sample trial ({setup['steps']} steps each), "
+                 f"{choice} at lr {ch['lr']:g} reached {ch['accuracy']:.1%} "
+                 f"(est. {_fmt_s(ch['estimated_seconds'])} for {epochs} epochs on all {n} samples)"]
         if best_name != choice:
-            parts.append(f"{best_name} reached {cands[best_name]['accuracy']:.1%} at "
-                         f"{_fmt_s(cands[best_name]['estimated_seconds'])}, within {tol:.1%}, so "
-                         "the cheaper one is preferred")
-        else:
-            others = [f"{kname} {r['accuracy']:.1%} ({_fmt_s(r['estimated_seconds'])})"
-                      for kname, r in cands.items() if kname != choice]
+            parts.append(f"{best_name} reached {top['accuracy']:.1%} at lr {top['lr']:g} "
+                         f"(est. {_fmt_s(top['estimated_seconds'])}): a gap of {ch['gap']:.1%} "
+                         f"+- {ch['gap_stderr']:.1%}, within tolerance, so the cheaper one is "
+                         "preferred")
+        others = [f"{c} {r['accuracy']:.1%} ({_fmt_s(r['estimated_seconds'])})"
+                  for c, r in cands_r.items() if c not in (choice, best_name)]
+        if others:
             parts.append("others: " + ", ".join(others))
+        if strategy == "freeze_first" and not ch["cached"]:
+            parts.append(f"freeze_first runs WITHOUT a cached prefix ({split_notes[ch['k']]})")
         if strategy != quadrant:
             parts.append(f"the quadrant prior ({prior_size} data, {prior_sim} domain) said {quadrant}")
         reason = "; ".join(parts)
@@ -477,9 +815,12 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     if strategy == "full" and not small and not similar:
         reason += "; with this much dissimilar data, training from scratch is an alternative to compare"
     return Advice(
-        strategy=strategy, k=k if strategy == "freeze_first" else None, reason=reason, size=size,
+        strategy=strategy, k=k_choice if strategy == "freeze_first" else None, reason=reason,
+        size=size,
         probes=probes, bn_shift=bn_shift, trials=results,
         prior={"size": prior_size, "similarity": prior_sim, "quadrant": quadrant},
         thresholds={"small_per_class": SMALL_PER_CLASS, "similar_tolerance": SIMILAR_TOLERANCE,
-                    "accuracy_tolerance": ACCURACY_TOLERANCE, "time_budget": budget},
-        seconds=time.perf_counter() - t_start, block_names=work.block_names)
+                    "accuracy_tolerance": ACCURACY_TOLERANCE, "time_budget": budget,
+                    "budget_share": BUDGET_SHARE},
+        seconds=time.perf_counter() - t_start, block_names=work.block_names, lr=lr_choice,
+        trial_setup=setup)

@@ -185,7 +185,9 @@ def _cmd_fit(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
         ft.save(model_dir)
         report = _write_report(os.path.join(out_dir, "report"), ft, log)
     log(f"{ft.strategy_}: validation accuracy {ft.val_metrics_['accuracy']:.4f} "
-        f"({ft.fit_seconds_:.1f} s); model in {model_dir}, report in {out_dir}/report")
+        f"({ft.fit_seconds_['total']:.1f} s: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in ft.fit_seconds_.items() if k != "total" and v > 0.05)
+        + f"); model in {model_dir}, report in {out_dir}/report")
     return {"model": model_dir, "report": report, "strategy": ft.strategy_, "k": ft.k_,
             "val_accuracy": ft.val_metrics_["accuracy"], "fit_seconds": ft.fit_seconds_}
 
@@ -621,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--k", default=None, help="blocks to freeze for freeze_first")
     f.add_argument("--epochs", type=int, default=10)
     f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--lr", type=float, default=None,
+                   help="head learning rate (default: auto's advice, else 1e-3)")
     f.add_argument("--budget", type=float, default=None, help="seconds for auto's trials")
     f.add_argument("--cache-dir", default=None)
 

@@ -50,6 +50,18 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int):
     return np.sort(tr), np.sort(va)
 
 
+def warmup_cosine(groups: List[Dict[str, Any]], steps: int) -> Any:
+    """AdamW over ``groups`` with linear warm-up (5% of ``steps``) and cosine decay to zero:
+    the schedule of every :class:`FineTuner` run and of :func:`pyft.advise`'s trials."""
+    opt = torch.optim.AdamW(groups)
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class FineTuner:
@@ -65,8 +77,9 @@ class FineTuner:
     k : int or str, optional
         Blocks to freeze for ``freeze_first`` (``auto`` chooses it).
     epochs, batch_size, lr, weight_decay :
-        Training settings; ``lr`` is the new head's rate (default 1e-3 with AdamW), pretrained
-        layers train at ``lr_ratio`` times it.
+        Training settings; ``lr`` is the new head's rate (AdamW), pretrained layers train at
+        ``lr_ratio`` times it. Default: the rate the advice's trials found best for ``auto``,
+        1e-3 for the other strategies; a given ``lr`` is always used.
     patience : int
         Early stopping on validation loss (epochs without improvement); the best epoch's weights
         are restored. 0 disables.
@@ -77,7 +90,8 @@ class FineTuner:
     cache_dir : str, optional
         Feature-cache folder (default ``$PYFT_CACHE_DIR`` or ``~/.cache/pyft``).
     advise_budget : float, optional
-        Seconds for the trial runs of ``auto``.
+        Seconds for ``auto``'s advice (default: :data:`pyft.advice.BUDGET_SHARE` of one
+        estimated ``full`` run).
     autocast : bool, optional
         bfloat16 autocast for end-to-end training; default on for CUDA, off on CPU (where it
         helps only with AMX/AVX-512 BF16, which these machines lack).
@@ -89,6 +103,23 @@ class FineTuner:
 
     Attributes
     ----------
+    model_, classes_, strategy_, k_ :
+        The fitted model, the class names, and the strategy (and ``k``) that ran.
+    lr_ : float
+        The learning rate the run used (``auto``: the advice's unless ``lr`` was given;
+        ``head_only`` fits its head with L-BFGS, which needs none).
+    advice_ : Advice or None
+        What ``auto`` measured and why it chose (``None`` for the other strategies).
+    history_ : list of dict
+        One record per epoch (losses, validation accuracy, learning rate, seconds).
+    val_metrics_ : dict
+        Accuracy, loss and confusion matrix on the validation data.
+    fit_seconds_ : dict
+        Where the time of ``fit`` went, in seconds: ``setup`` (loading data and model,
+        splitting), ``advise`` (``auto`` only, else 0), ``extract`` (cache passes of
+        ``head_only`` and of a ``freeze_first`` whose model pyft can split, else 0), ``train``
+        (the head fit or the training epochs), ``evaluate`` (the final validation metrics) and
+        ``total``, their sum up to a few milliseconds of bookkeeping.
     cache_used_ : bool
         Whether training read the frozen part's output from the feature cache: True for
         ``head_only``, and for ``freeze_first`` when the model splits after block ``k``
@@ -102,7 +133,7 @@ class FineTuner:
 
     def __init__(self, model: Any = "efficientnet_lite0", num_classes: Optional[int] = None,
                  strategy: str = "auto", *, k: Union[int, str, None] = None, epochs: int = 10,
-                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 batch_size: int = 64, lr: Optional[float] = None, weight_decay: float = 1e-4,
                  lr_ratio: float = 0.1, layer_decay: Optional[float] = None, patience: int = 3,
                  val_fraction: float = 0.1, image_size: Optional[int] = None,
                  cache_dir: Optional[str] = None, advise_budget: Optional[float] = None,
@@ -118,8 +149,9 @@ class FineTuner:
                             ("patience", patience, 0)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a positive number; got {lr!r}")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                               or not lr > 0):
+            raise ValueError(f"lr must be a positive number or None; got {lr!r}")
         if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
         self.model = model
@@ -198,18 +230,28 @@ class FineTuner:
                 "settings": repr(sorted(settings.items()))}, "FineTuner.fit", self._ranks)
         strategy, k = self.strategy, self.k
         self.advice_ = None
+        self._seconds = {"setup": time.perf_counter() - t0, "advise": 0.0, "extract": 0.0,
+                         "train": 0.0}
+        lr = self.lr
         if strategy == "auto":
             from pyft.advice import advise
 
+            t = time.perf_counter()
             self.advice_ = on_rank0(  # trials are timed: one rank decides for all
                 lambda: advise(model, train_d.inputs, train_d.labels,
-                               time_budget=self.advise_budget, epochs=self.epochs, seed=self.seed),
+                               time_budget=self.advise_budget, epochs=self.epochs,
+                               val_samples=len(val_d), lr_ratio=self.lr_ratio,
+                               weight_decay=self.weight_decay, seed=self.seed),
                 "advising a strategy", self._ranks)
+            self._seconds["advise"] = time.perf_counter() - t
             strategy, k = self.advice_.strategy, self.advice_.k
+            if lr is None:
+                lr = self.advice_.lr
             _log.info("auto strategy: %s%s -- %s", strategy,
                       f"(k={k})" if k else "", self.advice_.reason)
         if strategy == "freeze_first" and k is None:
             k = max(1, len(model.blocks) // 2)
+        self.lr_ = float(lr) if lr is not None else 1e-3
         self.history_: List[Dict[str, Any]] = []
         self.cache_used_ = strategy == "head_only"
         self.split_reason_: Optional[str] = None
@@ -224,9 +266,18 @@ class FineTuner:
         self.classes_ = list(data.classes)
         self.strategy_ = strategy
         self.k_ = model.block_index(k) if strategy == "freeze_first" else None
-        self.fit_seconds_ = time.perf_counter() - t0
+        t = time.perf_counter()
         self.val_metrics_ = self._evaluate_shared(val_d)
+        self._seconds["evaluate"] = time.perf_counter() - t
+        self.fit_seconds_ = dict(self._seconds, total=time.perf_counter() - t0)
         return self
+
+    def _timed(self, phase: str, fn: Any, *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._seconds[phase] += time.perf_counter() - t
 
     def _evaluate_shared(self, d: LabeledData) -> Dict[str, Any]:
         """:meth:`evaluate`, with the rows split over the ranks and the probabilities gathered."""
@@ -255,7 +306,8 @@ class FineTuner:
         from pyft.heads import HeadClassifier
 
         model.freeze("head_only")
-        e_tr, e_va = self._cache(model, tr, "head"), self._cache(model, va, "head")
+        e_tr = self._timed("extract", self._cache, model, tr, "head")
+        e_va = self._timed("extract", self._cache, model, va, "head")
 
         def fit_head():  # seconds on the cache: one rank fits, every rank gets the same head
             clf = HeadClassifier(solver="lbfgs", C=1.0, max_iter=500, random_state=self.seed)
@@ -267,23 +319,13 @@ class FineTuner:
             b[classes] = clf.intercept_
             return W, b, int(clf.n_iter_), float(clf.score(e_va.features, e_va.labels))
 
-        W, b, iters, acc = on_rank0(fit_head, "fitting the head", self._ranks)
+        W, b, iters, acc = self._timed("train", on_rank0, fit_head, "fitting the head",
+                                       self._ranks)
         with torch.no_grad():
             model.head.weight.copy_(torch.from_numpy(W))
             model.head.bias.copy_(torch.from_numpy(b))
         self.history_.append({"epoch": 0, "solver": "lbfgs", "iterations": iters,
                               "val_accuracy": acc, "cache_reused": bool(e_tr.reused)})
-
-    def _optimizer(self, groups: List[Dict[str, Any]], steps: int) -> Any:
-        opt = torch.optim.AdamW(groups)
-        warm = max(1, steps // 20)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def _train_loop(self, model: Any, groups: List[Dict[str, Any]], forward: Any,
                     train_batches: Any, val_batches: Any, steps_per_epoch: int) -> None:
@@ -298,7 +340,7 @@ class FineTuner:
 
         world = self._ranks.world
         params = [p for g in groups for p in g["params"]]
-        opt, sched = self._optimizer(groups, steps_per_epoch * self.epochs)
+        opt, sched = warmup_cosine(groups, steps_per_epoch * self.epochs)
         best, best_state, bad = math.inf, None, 0
         use_autocast = self.autocast if self.autocast is not None else self.device.startswith("cuda")
         for epoch in range(self.epochs):
@@ -358,7 +400,7 @@ class FineTuner:
     def _fit_freeze_first(self, model: Any, k: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.split import SplitError, check_split, split_model
 
-        groups = model.freeze("freeze_first", k=k, lr=self.lr, weight_decay=self.weight_decay,
+        groups = model.freeze("freeze_first", k=k, lr=self.lr_, weight_decay=self.weight_decay,
                               lr_ratio=self.lr_ratio)
         try:
             _, suffix = split_model(model, k)
@@ -368,10 +410,11 @@ class FineTuner:
             self.split_reason_ = str(e)
             _log.warning("freeze_first without a cached prefix: %s; training end to end with the "
                          "prefix frozen (it is recomputed every epoch)", e)
-            self._end_to_end_loop(model, groups, tr, va)
+            self._timed("train", self._end_to_end_loop, model, groups, tr, va)
             return
         self.cache_used_ = True
-        e_tr, e_va = self._cache(model, tr, k), self._cache(model, va, k)
+        e_tr = self._timed("extract", self._cache, model, tr, k)
+        e_va = self._timed("extract", self._cache, model, va, k)
         steps = math.ceil(len(e_tr) / self.batch_size)
         rank, world, _ = self._ranks
         dev = self.device
@@ -395,7 +438,8 @@ class FineTuner:
         def forward(x: Any) -> Any:
             return suffix(**x) if isinstance(x, dict) else suffix(x)
 
-        self._train_loop(model, groups, forward, train_batches, val_batches, steps)
+        self._timed("train", self._train_loop, model, groups, forward, train_batches,
+                    val_batches, steps)
 
     def _fit_end_to_end(self, model: Any, strategy: str, tr: LabeledData, va: LabeledData) -> None:
         opts: Dict[str, Any] = {}
@@ -403,8 +447,8 @@ class FineTuner:
             opts = {"lr_ratio": self.lr_ratio, "layer_decay": self.layer_decay}
         else:
             opts = {"seed": self.seed}
-        groups = model.freeze(strategy, lr=self.lr, weight_decay=self.weight_decay, **opts)
-        self._end_to_end_loop(model, groups, tr, va)
+        groups = model.freeze(strategy, lr=self.lr_, weight_decay=self.weight_decay, **opts)
+        self._timed("train", self._end_to_end_loop, model, groups, tr, va)
 
     def _end_to_end_loop(self, model: Any, groups: List[Dict[str, Any]], tr: LabeledData,
                          va: LabeledData) -> None:

@@ -143,3 +143,53 @@ def test_bad_input(tmp_path, digits):
 
     with pytest.raises(NotFittedError):
         pyft.FineTuner().predict(X[:2])
+
+
+def _phases_add_up(fs):
+    assert set(fs) == {"setup", "advise", "extract", "train", "evaluate", "total"}
+    assert all(v >= 0 for v in fs.values())
+    parts = sum(v for key, v in fs.items() if key != "total")
+    assert parts <= fs["total"] + 1e-6
+    assert parts == pytest.approx(fs["total"], rel=0.05, abs=0.05)
+
+
+def test_fit_seconds_by_phase(tmp_path, digits):
+    X, y = digits
+    ft = _tuner(tmp_path, "head_only").fit(X[:300], labels=y[:300])
+    fs = ft.fit_seconds_
+    _phases_add_up(fs)
+    assert fs["advise"] == 0.0 and fs["extract"] > 0 and fs["train"] > 0
+    ft = _tuner(tmp_path, "freeze_first", k="blocks.13", epochs=1).fit(X[:200], labels=y[:200])
+    _phases_add_up(ft.fit_seconds_)
+    assert ft.fit_seconds_["extract"] > 0 and ft.fit_seconds_["train"] > 0
+    assert ft.lr_ == 1e-3  # the default outside auto
+
+
+def _small_cnn():
+    from torch import nn
+
+    from pyft.models import wrap_model
+    from pyft.preprocessing import ImagePreprocessing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return wrap_model(net, 10, preprocessing=ImagePreprocessing((8, 8), (0.5,) * 3, (0.25,) * 3))
+
+
+def test_auto_follows_the_advice_and_its_learning_rate(tmp_path, digits):
+    X, y = digits
+    ft = pyft.FineTuner(_small_cnn(), strategy="auto", epochs=2, cache_dir=str(tmp_path),
+                        progress=False, advise_budget=20).fit(X[:400], labels=y[:400])
+    adv = ft.advice_
+    assert adv is not None and adv.lr is not None
+    assert ft.strategy_ == adv.strategy and ft.k_ == adv.k
+    assert ft.lr_ == adv.lr  # the rate the trials found best
+    fs = ft.fit_seconds_
+    _phases_add_up(fs)
+    assert fs["advise"] > 0 and fs["advise"] == pytest.approx(adv.seconds, rel=0.2, abs=0.5)
+    # An explicit rate wins over the advice's.
+    ft2 = pyft.FineTuner(_small_cnn(), strategy="auto", epochs=1, lr=0.05, cache_dir=str(tmp_path),
+                         progress=False, advise_budget=20).fit(X[:400], labels=y[:400])
+    assert ft2.lr_ == 0.05 and ft2.advice_ is not None
