@@ -610,16 +610,18 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     budget = time_budget if time_budget is not None else \
         min(600.0, max(5.0, BUDGET_SHARE * full_run))
 
-    from pyft.split import split_model
+    from pyft.split import split_model, split_support
 
     ks = sorted({k, max(1, nb - 2)}) if ks is None else \
         sorted({max(1, work.block_index(v, argument="ks")) for v in ks})
+    # Checked as FineTuner checks it (the suffix on the cached tap gives the model's logits on
+    # two real samples): a depth that fails trains end to end, and its cost estimate says so.
+    example = work.preprocess(take(x_sub, np.arange(min(2, len(sub)))))
     split_notes: Dict[int, str] = {}
     for kk in ks:
-        try:
-            split_model(work, kk)
-        except NotImplementedError as e:
-            split_notes[kk] = str(e).split(":")[0]
+        ok, why = split_support(work, kk, example)
+        if not ok:
+            split_notes[kk] = why
     if split_notes:  # trialled end to end, one uncached depth is enough
         ks = [kk for kk in ks if kk not in split_notes] or [k]
 
@@ -684,12 +686,28 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
                     entry = extract_features(work, x_sub, cut=kk, cache_dir=tmp, batch_size=64,
                                              progress=False, distributed=False)
                     act = torch.from_numpy(np.asarray(entry.features, dtype=np.float32))
-                    acts[kk] = (act[torch.as_tensor(tr_pos)], act[torch.as_tensor(va_pos)],
-                                (time.perf_counter() - t0) / len(sub))
-                    del entry, act
+                    # Text entries carry each row's attention mask, which the suffix needs.
+                    mask = entry.extras.get("attention_mask")
+                    if mask is not None:
+                        mask = torch.from_numpy(np.asarray(mask))
+                    tr_i, va_i = torch.as_tensor(tr_pos), torch.as_tensor(va_pos)
+                    acts[kk] = (act[tr_i], act[va_i], (time.perf_counter() - t0) / len(sub),
+                                None if mask is None else mask[tr_i],
+                                None if mask is None else mask[va_i])
+                    del entry, act, mask
+
+        def cached_with_mask(x: torch.Tensor, mask: Optional[torch.Tensor]
+                             ) -> Callable[[np.ndarray], Any]:
+            if mask is None:
+                return cached(x)
+            return lambda idx: {"features": x[torch.as_tensor(idx)].to(dev),
+                                "attention_mask": mask[torch.as_tensor(idx)].to(dev)}
 
         def suffix_of(kk: int) -> Callable[[Any], Callable[[Any], Any]]:
-            return lambda m: split_model(m, kk)[1]
+            def make(m: Any) -> Callable[[Any], Any]:
+                suffix = split_model(m, kk)[1]
+                return lambda x: suffix(**x) if isinstance(x, dict) else suffix(x)
+            return make
 
         def run_of(m: Any) -> Callable[[Any], Any]:
             return m.run
@@ -703,9 +721,10 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         def ff_runner(kk: int) -> Callable[[float], Dict[str, Any]]:
             opts = {"k": kk, "lr_ratio": lr_ratio}
             if kk in acts:
-                a_tr, a_va, _ = acts[kk]
-                return runner("freeze_first", opts, suffix_of(kk), lambda m: cached(a_tr),
-                              lambda m: cached(a_va))
+                a_tr, a_va, _, m_tr, m_va = acts[kk]
+                return runner("freeze_first", opts, suffix_of(kk),
+                              lambda m: cached_with_mask(a_tr, m_tr),
+                              lambda m: cached_with_mask(a_va, m_va))
             return runner("freeze_first", opts, run_of, raw_tr_of, raw_va_of)
 
         n_all = n + n_val_real

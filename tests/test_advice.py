@@ -266,7 +266,7 @@ def test_unsplittable_model_gets_the_uncached_estimate_and_says_so(monkeypatch, 
     X, y = digits8
 
     def no_split(model, k):
-        raise NotImplementedError(f"pyft cannot split {model.spec} between blocks: test")
+        raise pyft.split.SplitError(f"pyft cannot split {model.spec} between blocks: test")
 
     monkeypatch.setattr(pyft.split, "split_model", no_split)
     calls = _record_trials(monkeypatch)
