@@ -358,15 +358,14 @@ def _demo_fine_tune(model: Any, strategy: str, k: Any, lr: float, Xtr: Any, ytr:
                         progress=not args.json and sys.stderr.isatty())
     ft.fit(Xtr, labels=ytr)
     epochs = [h for h in ft.history_ if "train_loss" in h]
-    t_train = sum(h["seconds"] for h in epochs)
-    phases = {"cache" if strategy == "freeze_first" else "setup": ft.fit_seconds_ - t_train,
-              "train": t_train}
+    # FineTuner's own phases (setup, extract, train, evaluate), without the empty ones
+    phases = {p: s for p, s in ft.fit_seconds_.items() if p != "total" and s > 0.05}
     n_val = ft.val_metrics_["n"]
     what = (f"prefix of {ft.k_} blocks ({model.blocks[ft.k_ - 1].name}) cached once, the rest "
             "trained on it" if strategy == "freeze_first" else "trained end to end")
     log(f"\n2. {strategy}: {what}; {len(epochs)} epochs of {len(ytr) - n_val} images (lr "
         f"{lr:g}, batch {DEMO_BATCH}, {n_val} held back for early stopping) in "
-        f"{ft.fit_seconds_:.1f} s ({', '.join(f'{p} {s:.1f} s' for p, s in phases.items())}); "
+        f"{ft.fit_seconds_['total']:.1f} s ({', '.join(f'{p} {s:.1f} s' for p, s in phases.items())}); "
         f"validation accuracy {ft.val_metrics_['accuracy']:.4f}")
     return ft, {"phases": phases, "epochs_run": len(epochs), "heads_trained": 1,
                 "n_train": len(ytr) - n_val, "n_val": n_val, "k": ft.k_,
