@@ -82,6 +82,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyft._checks import stratified_holdout
 from pyft.data import take
 
 __all__ = ["advise", "Advice", "SMALL_PER_CLASS", "SIMILAR_TOLERANCE", "ACCURACY_TOLERANCE",
@@ -221,17 +222,6 @@ def _stratified_subsample(y: np.ndarray, m: int, rng: np.random.Generator) -> np
         share = max(1, int(round(m * len(idx) / len(y))))
         picks.append(rng.choice(idx, size=min(share, len(idx)), replace=False))
     return rng.permutation(np.concatenate(picks))
-
-
-def _stratified_halves(y: np.ndarray, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(train, val) positions with every class in both where it has two samples."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    counts = np.bincount(y)
-    strat = y if counts[counts > 0].min() >= 2 else None
-    tr, va = train_test_split(idx, test_size=n_val, stratify=strat, random_state=seed)
-    return tr, va
 
 
 def _batches(n: int, bs: int) -> List[slice]:
@@ -595,7 +585,7 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     # Trial halves of the subsample: the same for every candidate.
     n_val = max(2 * len(classes), int(round(0.3 * len(sub))))
     n_val = min(n_val, len(sub) - max(len(classes), 2))
-    tr_pos, va_pos = _stratified_halves(y_sub, n_val, seed)
+    tr_pos, va_pos = stratified_holdout(y_sub, n_val, seed, sort=False)
 
     # Cost of one full fine-tuning step, measured on one batch (forward + backward): it plans
     # the trials and the default budget; the estimates come from the trials themselves.

@@ -226,18 +226,11 @@ def _cmd_predict(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
             log(f"{p['input']}\t{p['label']}\t{p['probability']:.4f}")
         return out
     ft = _load_tuner(args.model)
-    from pyft.data import IMAGE_EXTENSIONS, ImageFiles
+    from pyft._checks import expand_image_paths
+    from pyft.data import ImageFiles
 
     if ft.model_.kind == "image":
-        files: List[str] = []
-        for item in args.inputs:
-            if os.path.isdir(item):
-                files += sorted(os.path.join(item, f) for f in os.listdir(item)
-                                if f.lower().endswith(IMAGE_EXTENSIONS))
-            elif os.path.isfile(item):
-                files.append(item)
-            else:
-                raise FileNotFoundError(f"input {item!r} does not exist")
+        files = expand_image_paths(args.inputs, name="input", must_exist=True)
         inputs: Any = ImageFiles(files)
         names = files
     else:

@@ -15,10 +15,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pyft._checks import IMAGE_EXTENSIONS
+
 __all__ = ["LabeledData", "ImageFiles", "load_data", "take", "IMAGE_EXTENSIONS"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm")
 
 
 class ImageFiles(Sequence):

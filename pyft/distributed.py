@@ -242,18 +242,19 @@ def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
 
     from pyft import _core
     from pyft._arrays import as_feature_array
-    from pyft.heads import _check_choice, _check_number, init_head_params
+    from pyft._checks import check_choice, check_number
+    from pyft.heads import init_head_params
 
-    _check_choice("head", head, ("linear", "mlp"))
-    _check_choice("optimizer", optimizer, ("sgd", "adamw"))
-    _check_choice("schedule", schedule, ("constant", "cosine", "step"))
+    check_choice("head", head, ("linear", "mlp"))
+    check_choice("optimizer", optimizer, ("sgd", "adamw"))
+    check_choice("schedule", schedule, ("constant", "cosine", "step"))
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        _check_number(name, v, low=1, integer=True)
-    _check_number("lr", lr, low=0, low_open=True)
-    _check_number("weight_decay", weight_decay, low=0)
-    _check_number("momentum", momentum, low=0, high=1)
+        check_number(name, v, low=1, integer=True)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0)
+    check_number("momentum", momentum, low=0, high=1)
     if head == "mlp":
-        _check_number("hidden_size", hidden_size, low=1, integer=True)
+        check_number("hidden_size", hidden_size, low=1, integer=True)
     X, bf16 = as_feature_array(features)
     y = np.asarray(labels)
     n, d = X.shape

@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from pyft._checks import expand_image_paths, import_optional
+
 __all__ = [
     "export_onnx", "ExportResult", "Verification", "ExportError", "VerificationError",
     "InferenceSession", "Prediction", "predict_files", "DEFAULT_OPSET",
@@ -52,7 +54,6 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
 VERIFY_BATCH_SIZES = (1, 7)
 NUM_RANDOM_SAMPLES = 8
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 _EXPORTERS = ("auto", "dynamo", "torchscript")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -162,23 +163,14 @@ class ExportResult:
 
 
 # ====================================================================== optional packages
-def _import(module: str, install: str, purpose: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(
-            f"{purpose} needs the '{module}' package, which is not importable here ({e}); "
-            f"install it with '{install}'") from e
 
 
 def _onnx() -> Any:
-    return _import("onnx", "pip install onnx onnxruntime", "ONNX export")
+    return import_optional("onnx", "pip install onnx onnxruntime", "ONNX export")
 
 
 def _ort() -> Any:
-    return _import("onnxruntime", "pip install onnxruntime (or pyft[gpu] for onnxruntime-gpu)",
+    return import_optional("onnxruntime", "pip install onnxruntime (or pyft[gpu] for onnxruntime-gpu)",
                    "ONNX inference")
 
 
@@ -1200,7 +1192,7 @@ class InferenceSession:
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
         if isinstance(inputs, (list, tuple)):
-            inputs = _expand_image_paths(inputs)
+            inputs = expand_image_paths(inputs)
             n = len(inputs)
         elif isinstance(inputs, np.ndarray) or type(inputs).__module__.startswith("torch"):
             shape = tuple(inputs.shape)
@@ -1242,7 +1234,7 @@ class InferenceSession:
                 raise FileNotFoundError(
                     f"the tokenizer of {self.path!r} should be in {folder!r}, which does not "
                     "exist; keep the folder export_onnx wrote beside the graph")
-            transformers = _import("transformers", "pip install transformers",
+            transformers = import_optional("transformers", "pip install transformers",
                                    "tokenizing texts")
             self._tokenizer = transformers.AutoTokenizer.from_pretrained(folder,
                                                                          local_files_only=True)
@@ -1263,20 +1255,6 @@ def _parse_device(device: Any) -> Tuple[str, int]:
 
 
 # ---------------------------------------------------------------------- image files
-def _expand_image_paths(items: Sequence[Any]) -> List[Any]:
-    """Directories in a list of inputs become their image files, sorted by name."""
-    out: List[Any] = []
-    for it in items:
-        if isinstance(it, (str, os.PathLike)) and os.path.isdir(it):
-            found = sorted(os.path.join(it, f) for f in os.listdir(it)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise ValueError(f"directory {os.fspath(it)!r} holds no image files "
-                                 f"({', '.join(IMAGE_EXTENSIONS)})")
-            out.extend(found)
-        else:
-            out.append(it)
-    return out
 
 
 def _load_images(images: Any) -> Any:
@@ -1288,7 +1266,7 @@ def _load_images(images: Any) -> Any:
     if not any(isinstance(im, (str, os.PathLike)) for im in images):
         return images
     return [_read_image(im) if isinstance(im, (str, os.PathLike)) else im
-            for im in _expand_image_paths(images)]
+            for im in expand_image_paths(images)]
 
 
 def _read_image(path: Any) -> np.ndarray:
@@ -1296,7 +1274,7 @@ def _read_image(path: Any) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist (image models read strings "
                                 "as image file paths; texts go to text models)")
-    image_module = _import("PIL.Image", "pip install pillow", "reading image files")
+    image_module = import_optional("PIL.Image", "pip install pillow", "reading image files")
     try:
         with image_module.open(path) as im:
             return np.array(im.convert("RGB"))
@@ -1336,7 +1314,7 @@ def predict_files(path: PathLike, inputs: Sequence[str], *, device: str = "auto"
     sess = session if session is not None else InferenceSession(path, device=device)
     items: List[Any] = list(inputs)
     if sess.kind == "image":
-        items = _expand_image_paths(items)
+        items = expand_image_paths(items)
         for it in items:
             if not isinstance(it, (str, os.PathLike)):
                 raise TypeError(f"inputs must be image file paths; got {type(it).__name__}")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyft._checks import stratified_holdout
 from pyft.data import LabeledData, load_data, take
 
 __all__ = ["FineTuner", "STRATEGIES"]
@@ -38,16 +39,6 @@ __all__ = ["FineTuner", "STRATEGIES"]
 STRATEGIES = ("auto", "head_only", "freeze_first", "full", "scratch")
 SAVE_FORMAT = 1
 _log = logging.getLogger("pyft")
-
-
-def _stratified_split(y: np.ndarray, fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    counts = np.bincount(y)
-    n_val = max(int(round(fraction * len(y))), int((counts > 0).sum()))
-    tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
-    return np.sort(tr), np.sort(va)
 
 
 def warmup_cosine(groups: List[Dict[str, Any]], steps: int) -> Any:
@@ -193,7 +184,9 @@ class FineTuner:
             if few:
                 raise ValueError(f"class(es) {few[:5]} have fewer than 2 samples: a validation "
                                  "split needs at least 2 per class (add samples or pass val=)")
-            tr, va = _stratified_split(data.labels, self.val_fraction, self.seed)
+            y = data.labels
+            n_val = max(int(round(self.val_fraction * len(y))), int((np.bincount(y) > 0).sum()))
+            tr, va = stratified_holdout(y, n_val, self.seed)
             train_d, val_d = data.subset(tr), data.subset(va)
         else:
             train_d = data

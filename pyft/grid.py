@@ -23,7 +23,8 @@ import numpy as np
 
 from pyft import _core
 from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs
-from pyft.heads import _holdout, _labels_1d, init_head_params
+from pyft._checks import labels_1d
+from pyft.heads import holdout_rows, init_head_params
 
 __all__ = ["fit_grid", "default_lrs", "GridResult", "BASE_LRS"]
 
@@ -116,7 +117,7 @@ def _splits(y: np.ndarray, folds, val_fraction: float, seed: int):
     if folds is None:
         if not (isinstance(val_fraction, numbers.Real) and 0.0 < val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
-        tr, va = _holdout(y, float(val_fraction), seed)
+        tr, va = holdout_rows(y, float(val_fraction), seed)
         fold[va] = 0
         return [(tr, va)], fold
     if isinstance(folds, bool) or not isinstance(folds, numbers.Integral) or folds < 2:
@@ -197,7 +198,7 @@ def fit_grid(
     X, bf16 = as_feature_array(features, "features", allow_cuda=True)
     if X.ndim != 2:
         raise ValueError(f"features must be a 2-D array (n_samples, n_features); got {X.ndim}-D")
-    y_raw = _labels_1d(labels, X.shape[0], "labels")
+    y_raw = labels_1d(labels, X.shape[0], "labels")
     classes, y = np.unique(y_raw, return_inverse=True)
     y = y.astype(np.int64)
     if len(classes) < 2:

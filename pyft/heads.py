@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pyft import _core
 from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs, is_cuda_tensor
+from pyft._checks import check_choice, check_number, labels_1d, stratified_holdout
 
 __all__ = ["HeadClassifier", "init_head_params", "head_param_count"]
 
@@ -57,28 +58,6 @@ def init_head_params(
         parts.append(rng.uniform(-bound, bound, size=fan_out * fan_in))
         parts.append(rng.uniform(-bound, bound, size=fan_out))
     return np.concatenate(parts).astype(np.float32)
-
-
-def _check_choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _check_number(name: str, value: Any, *, low=None, high=None, low_open=False, integer=False):
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        what = "an integer" if integer else "a number"
-        raise TypeError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
-    if integer:
-        if not -(2**62) < int(value) < 2**62:
-            raise ValueError(f"{name} is out of range; got {value!r}")
-    elif not np.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        op = ">" if low_open else ">="
-        raise ValueError(f"{name} must be {op} {low}; got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}; got {value!r}")
 
 
 class HeadClassifier(ClassifierMixin, BaseEstimator):
@@ -238,10 +217,10 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ validation helpers
 
     def _validate_params_(self) -> str:
-        _check_choice("head", self.head, _HEADS)
-        _check_choice("activation", self.activation, _ACTIVATIONS)
-        _check_choice("solver", self.solver, _SOLVERS)
-        _check_choice("schedule", self.schedule, _SCHEDULES)
+        check_choice("head", self.head, _HEADS)
+        check_choice("activation", self.activation, _ACTIVATIONS)
+        check_choice("solver", self.solver, _SOLVERS)
+        check_choice("schedule", self.schedule, _SCHEDULES)
         solver = self.solver
         if solver == "auto":
             solver = "lbfgs" if self.head == "linear" else "adamw"
@@ -249,31 +228,31 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("solver='lbfgs' trains the linear head only; use 'sgd' or 'adamw' "
                              f"for head={self.head!r}")
         if self.head == "mlp":
-            _check_number("hidden_size", self.hidden_size, low=1, integer=True)
-        _check_number("dropout", self.dropout, low=0.0)
+            check_number("hidden_size", self.hidden_size, low=1, integer=True)
+        check_number("dropout", self.dropout, low=0.0)
         if self.dropout >= 1.0:
             raise ValueError(f"dropout must be < 1; got {self.dropout!r}")
-        _check_number("C", self.C, low=0.0, low_open=True)
+        check_number("C", self.C, low=0.0, low_open=True)
         if self.lr is not None:
-            _check_number("lr", self.lr, low=0.0, low_open=True)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("momentum", self.momentum, low=0.0)
-        _check_number("epochs", self.epochs, low=1, integer=True)
-        _check_number("batch_size", self.batch_size, low=1, integer=True)
-        _check_number("warmup_epochs", self.warmup_epochs, low=0.0)
-        _check_number("label_smoothing", self.label_smoothing, low=0.0)
+            check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("momentum", self.momentum, low=0.0)
+        check_number("epochs", self.epochs, low=1, integer=True)
+        check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_number("warmup_epochs", self.warmup_epochs, low=0.0)
+        check_number("label_smoothing", self.label_smoothing, low=0.0)
         if self.label_smoothing >= 1.0:
             raise ValueError(f"label_smoothing must be < 1; got {self.label_smoothing!r}")
-        _check_number("validation_fraction", self.validation_fraction, low=0.0, low_open=True)
+        check_number("validation_fraction", self.validation_fraction, low=0.0, low_open=True)
         if self.validation_fraction >= 1.0:
             raise ValueError(
                 f"validation_fraction must be < 1; got {self.validation_fraction!r}"
             )
-        _check_number("patience", self.patience, low=1, integer=True)
-        _check_number("max_iter", self.max_iter, low=1, integer=True)
-        _check_number("tol", self.tol, low=0.0)
+        check_number("patience", self.patience, low=1, integer=True)
+        check_number("max_iter", self.max_iter, low=1, integer=True)
+        check_number("tol", self.tol, low=0.0)
         if self.n_threads is not None:
-            _check_number("n_threads", self.n_threads, low=1, integer=True)
+            check_number("n_threads", self.n_threads, low=1, integer=True)
         if self.callback is not None and not callable(self.callback):
             raise TypeError(f"callback must be callable; got {type(self.callback).__name__}")
         return solver
@@ -361,7 +340,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                 f"{type(self).__name__} requires y to be passed, but the target y is None"
             )
         X_arr, bf16 = self._features(X, reset=True, allow_cuda=True)
-        y = _labels_1d(y, X_arr.shape[0])
+        y = labels_1d(y, X_arr.shape[0])
         check_classification_targets(y)
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -464,9 +443,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             val_X, val_bf16 = self._features(X_val, reset=False, allow_cuda=True)
             if val_bf16 != bf16:
                 raise ValueError("X_val must have the same dtype family as X (bfloat16 or not)")
-            val_y = self._encode(_labels_1d(y_val, val_X.shape[0], name="y_val"), name="y_val")
+            val_y = self._encode(labels_1d(y_val, val_X.shape[0], name="y_val"), name="y_val")
         elif self.early_stopping:
-            train_rows, val_rows = _holdout(y, float(self.validation_fraction), seed)
+            train_rows, val_rows = holdout_rows(y, float(self.validation_fraction), seed)
             if is_cuda_tensor(X):  # the held-out rows only, on the device
                 import torch
 
@@ -584,35 +563,11 @@ def _seed_from(random_state) -> int:
     return int(rng.randint(0, 2**31 - 1))
 
 
-def _labels_1d(y, n: int, name: str = "y") -> np.ndarray:
-    from sklearn.utils.validation import column_or_1d
-
-    if type(y).__module__.startswith("torch"):
-        y = y.detach().cpu().numpy()
-    y = column_or_1d(y, warn=True)
-    if y.shape[0] != n:
-        raise ValueError(
-            f"{name} must have one label per sample ({n}); got {y.shape[0]} labels"
-        )
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-        raise ValueError(f"Input {name} contains NaN or infinity.")
-    return y
-
-
-def _holdout(y: np.ndarray, fraction: float, seed: int):
-    """Stratified train/validation row split (indices into X)."""
-    from sklearn.model_selection import train_test_split
-
-    rows = np.arange(len(y))
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
+def holdout_rows(y: np.ndarray, fraction: float, seed: int):
+    """Stratified (train, validation) rows holding out ``fraction`` of ``y`` (at least one row)."""
     n_val = max(1, int(round(fraction * len(y))))
     if n_val >= len(y):
         raise ValueError(
             f"validation_fraction={fraction} leaves no training data for {len(y)} samples"
         )
-    try:
-        tr, va = train_test_split(rows, test_size=n_val, random_state=seed, stratify=stratify)
-    except ValueError:  # too few samples per class to stratify
-        tr, va = train_test_split(rows, test_size=n_val, random_state=seed, stratify=None)
-    return np.sort(tr).astype(np.int64), np.sort(va).astype(np.int64)
+    return stratified_holdout(y, n_val, seed)

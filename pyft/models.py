@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyft._checks import did_you_mean, import_optional
 from pyft.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing, TextPreprocessing
 
 __all__ = ["load_model", "wrap_model", "FineTunableModel", "Block", "available_models"]
@@ -326,11 +327,6 @@ def _pool(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x.flatten(1)
 
 
-def _nearest(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-
-
 def _check_num_classes(num_classes: Any) -> Optional[int]:
     if num_classes is None:
         return None
@@ -339,18 +335,6 @@ def _check_num_classes(num_classes: Any) -> Optional[int]:
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (a classifier needs two classes); got {num_classes}")
     return int(num_classes)
-
-
-def _import_optional(module: str, install: str, purpose: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:  # includes a broken install (e.g. mismatched torch/torchvision)
-        raise ImportError(
-            f"{purpose} needs the '{module}' package, which is not importable here ({e}); "
-            f"install it with '{install}'"
-        ) from e
 
 
 # ------------------------------------------------------------------ weights files
@@ -434,7 +418,7 @@ def find_head(net: nn.Module, head: Optional[str] = None) -> str:
         if not isinstance(head, str):
             raise TypeError(f"head must be a module name (str); got {type(head).__name__}")
         if head not in names or head == "":
-            raise ValueError(f"head={head!r} is not a module of this network{_nearest(head, names)}")
+            raise ValueError(f"head={head!r} is not a module of this network{did_you_mean(head, names)}")
         found = _last_linear(net, head)
         if found is None:
             raise ValueError(
@@ -638,10 +622,10 @@ def _efficientnet_lite0_blocks(net: nn.Module) -> List[Block]:
 
 def _torchvision(arch: str, weights: Any, image_size: Optional[int]
                  ) -> Tuple[nn.Module, str, Any, str, List[Block]]:
-    tv = _import_optional("torchvision", _TORCHVISION_PIN, f"'torchvision:{arch}'")
+    tv = import_optional("torchvision", _TORCHVISION_PIN, f"'torchvision:{arch}'")
     models = tv.models.list_models(module=tv.models)
     if arch not in models:
-        raise ValueError(f"torchvision has no classification model {arch!r}{_nearest(arch, models)}")
+        raise ValueError(f"torchvision has no classification model {arch!r}{did_you_mean(arch, models)}")
     net = tv.models.get_model(arch, weights=None)
     head_name = find_head(net)
     wenum = tv.models.get_model_weights(arch)
@@ -681,9 +665,9 @@ def _torchvision(arch: str, weights: Any, image_size: Optional[int]
 
 def _timm(arch: str, weights: Any, image_size: Optional[int]
           ) -> Tuple[nn.Module, str, Any, str, List[Block]]:
-    timm = _import_optional("timm", "pip install timm", f"'timm:{arch}'")
+    timm = import_optional("timm", "pip install timm", f"'timm:{arch}'")
     if not timm.list_models(arch) and arch.split(".")[0] not in timm.list_models():
-        raise ValueError(f"timm has no model {arch!r}{_nearest(arch, timm.list_models())}")
+        raise ValueError(f"timm has no model {arch!r}{did_you_mean(arch, timm.list_models())}")
     net = timm.create_model(arch, pretrained=False)
     head_name = _name_of(net, net.get_classifier())
     if weights == "random":
@@ -758,7 +742,7 @@ class _TextClassifier(nn.Module):
 
 
 def _hf_text(path: str, spec: str, weights: Any) -> Tuple[nn.Module, str, Any, str, List[Block]]:
-    transformers = _import_optional("transformers", "pip install pyft[text]", f"{spec!r}")
+    transformers = import_optional("transformers", "pip install pyft[text]", f"{spec!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{spec!r}: {path!r} is not a directory with a saved model")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -891,7 +875,7 @@ def load_model(spec: Union[str, nn.Module], num_classes: Optional[int], weights:
         kind = "text"
     else:
         raise ValueError(
-            f"unknown model spec {spec!r}{_nearest(spec.lower(), list(_ALIASES))}; known: "
+            f"unknown model spec {spec!r}{did_you_mean(spec.lower(), list(_ALIASES))}; known: "
             f"{', '.join(BUNDLED)}, or a prefix {', '.join(p + '<name>' for p in _PREFIXES)}")
 
     if num_classes is None and kind == "text":
