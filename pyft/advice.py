@@ -487,9 +487,90 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         ``strategy``, ``k``, ``lr``, a readable ``reason`` and every measurement
         (``print(advice)``).
     """
+    t_start = time.perf_counter()
+    st = _setup(model, data, labels, epochs=epochs, val_samples=val_samples,
+                probe_samples=probe_samples, folds=folds, batch_size=batch_size,
+                trial_epochs=trial_epochs, time_budget=time_budget, lrs=lrs,
+                lr_ratio=lr_ratio, weight_decay=weight_decay, seed=seed)
+    _measure_probes(st)
+    _size_and_prior(st)
+    _measure_full_step(st, time_budget)
+    _choose_depths(st, ks)
+    results: Dict[str, Dict[str, Any]] = {}
+    setup: Dict[str, Any] = {}
+    if trials:
+        results, setup = _run_trials(st, t_start)
+    results["scratch"] = {
+        "strategy": "scratch", "k": None, "lr": None, "accuracy": None, "stderr": None,
+        "estimated_seconds": st.full_per_sample * st.n * st.epochs * 3, "cached": False,
+        "note": "not trialled: needs far more data than a subsample; assumes 3x the epochs"}
+    if trials:
+        strategy, k_choice, lr_choice, reason = _decide(st, results, setup)
+    else:
+        strategy, k_choice, lr_choice, reason = st.quadrant, st.k, None, _prior_reason(st)
+    reason += _domain_remark(st, strategy)
+    return Advice(
+        strategy=strategy, k=k_choice if strategy == "freeze_first" else None, reason=reason,
+        size=st.size, probes=st.probes, bn_shift=st.bn_shift, trials=results,
+        prior={"size": st.prior_size, "similarity": st.prior_sim, "quadrant": st.quadrant},
+        thresholds={"small_per_class": SMALL_PER_CLASS, "similar_tolerance": SIMILAR_TOLERANCE,
+                    "accuracy_tolerance": ACCURACY_TOLERANCE, "time_budget": st.budget,
+                    "budget_share": BUDGET_SHARE},
+        seconds=time.perf_counter() - t_start, block_names=st.work.block_names, lr=lr_choice,
+        trial_setup=setup)
+
+
+@dataclass
+class _Study:
+    """What :func:`advise` learns step by step, shared by its steps."""
+
+    model: Any
+    work: Any  # an eval-mode copy the probes and splits use
+    x_sub: Any
+    y_sub: np.ndarray
+    classes: np.ndarray
+    counts: np.ndarray
+    n: int
+    n_val_real: int
+    folds: int
+    dev: torch.device
+    epochs: int
+    batch_size: int
+    trial_epochs: int
+    lrs: Tuple[float, ...]
+    lr_ratio: float
+    weight_decay: float
+    seed: int
+    # filled by the steps
+    probes: List[Dict[str, Any]] = field(default_factory=list)
+    bn_shift: List[Dict[str, Any]] = field(default_factory=list)
+    head_feats: Any = None
+    fwd_per_sample: float = 0.0
+    share: Any = None
+    best: int = 0
+    similar: bool = True
+    small: bool = True
+    k: int = 1
+    size: Dict[str, Any] = field(default_factory=dict)
+    prior_size: str = ""
+    prior_sim: str = ""
+    quadrant: str = ""
+    tr_pos: Any = None
+    va_pos: Any = None
+    n_val: int = 0
+    full_per_sample: float = 0.0
+    budget: float = 0.0
+    ks: List[int] = field(default_factory=list)
+    split_notes: Dict[int, str] = field(default_factory=dict)
+
+
+def _setup(model: Any, data: Any, labels: Any, *, epochs: Any, val_samples: Any,
+           probe_samples: Any, folds: Any, batch_size: Any, trial_epochs: Any,
+           time_budget: Any, lrs: Any, lr_ratio: float, weight_decay: float,
+           seed: int) -> _Study:
+    """Checked arguments, the model (loaded from a spec if needed) and the stratified subsample."""
     from pyft.models import FineTunableModel, load_model
 
-    t_start = time.perf_counter()
     data, y_all = _as_inputs_labels(data, labels)
     classes, y_idx = np.unique(y_all, return_inverse=True)
     if len(classes) < 2:
@@ -507,331 +588,359 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
                         ("trial_epochs", trial_epochs, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+    if time_budget is not None and (isinstance(time_budget, bool)
+                                    or not isinstance(time_budget, (int, float))
                                     or not time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
     if val_samples is not None and (isinstance(val_samples, bool)
-                                    or not isinstance(val_samples, (int, np.integer)) or val_samples < 0):
+                                    or not isinstance(val_samples, (int, np.integer))
+                                    or val_samples < 0):
         raise ValueError(f"val_samples must be an int >= 0; got {val_samples!r}")
-    if lrs is None:
-        lrs = LR_GRIDS.get(model.kind, LR_GRIDS["image"])
-    lrs = tuple(lrs)
+    lrs = tuple(LR_GRIDS.get(model.kind, LR_GRIDS["image"]) if lrs is None else lrs)
     if not lrs or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                       for v in lrs):
         raise ValueError(f"lrs must be a non-empty sequence of positive numbers; got {lrs!r}")
 
     n = len(y_all)
-    n_val_real = int(round(0.1 * n)) if val_samples is None else int(val_samples)
     counts = np.bincount(y_idx)
-    rng = np.random.default_rng(seed)
-    sub = _stratified_subsample(y_idx, probe_samples, rng)
+    sub = _stratified_subsample(y_idx, probe_samples, np.random.default_rng(seed))
     y_sub = y_idx[sub]
-    x_sub = take(data, sub)
     folds_eff = int(min(folds, np.bincount(y_sub).min()))
     if folds_eff < 2:
         raise ValueError("every class needs at least 2 samples in the probe subsample; "
                          f"the smallest class has {int(counts.min())}")
-    dev = next(model.parameters()).device
-
-    # One pass: pooled outputs of every block, the head's input, BatchNorm input statistics and
-    # the forward time up to each block.
     work = copy.deepcopy(model)
     work.eval()
-    bn = _BNStats(work.net)
+    return _Study(model=model, work=work, x_sub=take(data, sub), y_sub=y_sub, classes=classes,
+                  counts=counts, n=n,
+                  n_val_real=int(round(0.1 * n)) if val_samples is None else int(val_samples),
+                  folds=folds_eff, dev=next(model.parameters()).device, epochs=int(epochs),
+                  batch_size=int(batch_size), trial_epochs=int(trial_epochs), lrs=lrs,
+                  lr_ratio=lr_ratio, weight_decay=weight_decay, seed=seed)
+
+
+def _measure_probes(st: _Study) -> None:
+    """One pass: pooled outputs of every block, the head's input, BatchNorm input statistics and
+    the forward time up to each block; then a cross-validated linear probe per block."""
+    bn = _BNStats(st.work.net)
     try:
-        feats, head_feats, fwd_per_sample, share = _probe_pass(work, x_sub, 64, dev)
+        feats, st.head_feats, st.fwd_per_sample, st.share = _probe_pass(st.work, st.x_sub, 64,
+                                                                         st.dev)
     finally:
         bn.remove()
-    nb = len(work.blocks)
-
-    probes = []
-    for i in range(nb):
-        acc, se = _probe(feats[i], y_sub, folds_eff, seed)
-        probes.append({"block": work.blocks[i].name, "index": i, "accuracy": acc, "stderr": se,
-                       "dim": int(feats[i].shape[1]), "folds": folds_eff, "samples": int(len(sub)),
-                       "forward_share": float(share[i])})
-    accs = np.array([p["accuracy"] for p in probes])
-    best = int(accs.argmax())
-    last_gap = float(accs[best] - accs[-1])
-    similar = last_gap <= max(SIMILAR_TOLERANCE, probes[-1]["stderr"])
-
-    kl = bn.kl(work.net)
-    bn_shift = []
-    for i, b in enumerate(work.blocks):
-        vals = [v for k_, v in kl.items() if any(k_ == m or k_.startswith(m + ".") for m in b.modules)]
+    for i in range(len(st.work.blocks)):
+        acc, se = _probe(feats[i], st.y_sub, st.folds, st.seed)
+        st.probes.append({"block": st.work.blocks[i].name, "index": i, "accuracy": acc,
+                          "stderr": se, "dim": int(feats[i].shape[1]), "folds": st.folds,
+                          "samples": int(len(st.y_sub)), "forward_share": float(st.share[i])})
+    accs = np.array([p["accuracy"] for p in st.probes])
+    st.best = int(accs.argmax())
+    st.similar = float(accs[st.best] - accs[-1]) <= max(SIMILAR_TOLERANCE,
+                                                         st.probes[-1]["stderr"])
+    kl = bn.kl(st.work.net)
+    for i, b in enumerate(st.work.blocks):
+        vals = [v for k_, v in kl.items()
+                if any(k_ == m or k_.startswith(m + ".") for m in b.modules)]
         if vals:
-            bn_shift.append({"block": b.name, "index": i, "kl": float(np.mean(vals)), "layers": len(vals)})
+            st.bn_shift.append({"block": b.name, "index": i, "kl": float(np.mean(vals)),
+                                "layers": len(vals)})
 
+
+def _size_and_prior(st: _Study) -> None:
+    """Trainable parameters per option, the playbook's quadrant and the trials' halves."""
+    work, nb, n, counts = st.work, len(st.work.blocks), st.n, st.counts
     head_params = sum(p.numel() for p in work.head.parameters())
     total_params = work.num_parameters()
-    suffix_params = [head_params + sum(p.numel() for j in range(i, nb) for p in work.block_parameters(j))
+    suffix_params = [head_params + sum(p.numel() for j in range(i, nb)
+                                       for p in work.block_parameters(j))
                      for i in range(nb + 1)]
-    per_class_min, per_class_max = int(counts.min()), int(counts.max())
-    small = float(np.median(counts)) < SMALL_PER_CLASS
+    st.small = float(np.median(counts)) < SMALL_PER_CLASS
     # Freeze through the block whose features transfer best (at least the last two blocks train).
-    k = max(1, min(best + 1, nb - 2))
-    size = {"samples": int(n), "classes": int(len(classes)), "min_per_class": per_class_min,
-            "max_per_class": per_class_max, "median_per_class": float(np.median(counts)),
-            "trainable_parameters": {"head_only": head_params, f"freeze_first({k})": suffix_params[k],
-                                     "full": total_params},
-            "samples_per_parameter": {"head_only": n / head_params,
-                                      f"freeze_first({k})": n / suffix_params[k],
-                                      "full": n / total_params}}
-    prior_size = "small" if small else "large"
-    prior_sim = "similar" if similar else "dissimilar"
-    quadrant = {("small", "similar"): "head_only", ("small", "dissimilar"): "freeze_first",
-                ("large", "similar"): "full", ("large", "dissimilar"): "full"}[(prior_size, prior_sim)]
-
+    k = st.k = max(1, min(st.best + 1, nb - 2))
+    st.size = {"samples": int(n), "classes": int(len(st.classes)),
+               "min_per_class": int(counts.min()), "max_per_class": int(counts.max()),
+               "median_per_class": float(np.median(counts)),
+               "trainable_parameters": {"head_only": head_params,
+                                        f"freeze_first({k})": suffix_params[k],
+                                        "full": total_params},
+               "samples_per_parameter": {"head_only": n / head_params,
+                                         f"freeze_first({k})": n / suffix_params[k],
+                                         "full": n / total_params}}
+    st.prior_size = "small" if st.small else "large"
+    st.prior_sim = "similar" if st.similar else "dissimilar"
+    st.quadrant = {("small", "similar"): "head_only", ("small", "dissimilar"): "freeze_first",
+                   ("large", "similar"): "full",
+                   ("large", "dissimilar"): "full"}[(st.prior_size, st.prior_sim)]
     # Trial halves of the subsample: the same for every candidate.
-    n_val = max(2 * len(classes), int(round(0.3 * len(sub))))
-    n_val = min(n_val, len(sub) - max(len(classes), 2))
-    tr_pos, va_pos = stratified_holdout(y_sub, n_val, seed, sort=False)
+    n_sub, n_cls = len(st.y_sub), len(st.classes)
+    n_val = max(2 * n_cls, int(round(0.3 * n_sub)))
+    st.n_val = min(n_val, n_sub - max(n_cls, 2))
+    st.tr_pos, st.va_pos = stratified_holdout(st.y_sub, st.n_val, st.seed, sort=False)
 
-    # Cost of one full fine-tuning step, measured on one batch (forward + backward): it plans
-    # the trials and the default budget; the estimates come from the trials themselves.
-    probe_model = copy.deepcopy(model)
+
+def _measure_full_step(st: _Study, time_budget: Optional[float]) -> None:
+    """Cost of one full fine-tuning step, measured on one batch (forward + backward): it plans
+    the trials and the default budget; the estimates come from the trials themselves."""
+    probe_model = copy.deepcopy(st.model)
     probe_model.freeze("full")
     probe_model.train()
-    nb_meas = min(batch_size, len(tr_pos))
-    xb = _to(probe_model.preprocess(take(x_sub, tr_pos[:nb_meas])), dev)
-    yb = torch.as_tensor(y_sub[tr_pos[:nb_meas]], dtype=torch.long, device=dev)
+    nb_meas = min(st.batch_size, len(st.tr_pos))
+    xb = _to(probe_model.preprocess(take(st.x_sub, st.tr_pos[:nb_meas])), st.dev)
+    yb = torch.as_tensor(st.y_sub[st.tr_pos[:nb_meas]], dtype=torch.long, device=st.dev)
     t0 = time.perf_counter()
     nn.functional.cross_entropy(probe_model.run(xb).float(), yb).backward()
-    full_per_sample = (time.perf_counter() - t0) / nb_meas
-    del probe_model, xb
-    full_run = full_per_sample * n * epochs + fwd_per_sample * n_val_real * epochs
-    budget = time_budget if time_budget is not None else \
+    st.full_per_sample = (time.perf_counter() - t0) / nb_meas
+    full_run = (st.full_per_sample * st.n * st.epochs
+                + st.fwd_per_sample * st.n_val_real * st.epochs)
+    st.budget = time_budget if time_budget is not None else \
         min(600.0, max(5.0, BUDGET_SHARE * full_run))
 
-    from pyft.split import split_model, split_support
 
-    ks = sorted({k, max(1, nb - 2)}) if ks is None else \
+def _choose_depths(st: _Study, ks: Optional[Sequence[Any]]) -> None:
+    """The freeze_first depths to try, each checked as FineTuner checks it (the suffix on the
+    cached tap gives the model's logits on two real samples): a depth that fails trains end to
+    end, and its cost estimate says so."""
+    from pyft.split import split_support
+
+    work, nb = st.work, len(st.work.blocks)
+    st.ks = sorted({st.k, max(1, nb - 2)}) if ks is None else \
         sorted({max(1, work.block_index(v, argument="ks")) for v in ks})
-    # Checked as FineTuner checks it (the suffix on the cached tap gives the model's logits on
-    # two real samples): a depth that fails trains end to end, and its cost estimate says so.
-    example = work.preprocess(take(x_sub, np.arange(min(2, len(sub)))))
-    split_notes: Dict[int, str] = {}
-    for kk in ks:
+    example = work.preprocess(take(st.x_sub, np.arange(min(2, len(st.y_sub)))))
+    for kk in st.ks:
         ok, why = split_support(work, kk, example)
         if not ok:
-            split_notes[kk] = why
-    if split_notes:  # trialled end to end, one uncached depth is enough
-        ks = [kk for kk in ks if kk not in split_notes] or [k]
+            st.split_notes[kk] = why
+    if st.split_notes:  # trialled end to end, one uncached depth is enough
+        st.ks = [kk for kk in st.ks if kk not in st.split_notes] or [st.k]
 
-    results: Dict[str, Dict[str, Any]] = {}
-    setup: Dict[str, Any] = {}
-    if trials:
-        # Size the trials' training half to the budget left: every rate of every candidate
-        # runs trial_epochs passes over it, then one recalibration and one validation pass.
-        # full: the steps, then one BatchNorm recalibration pass
-        train_cost = full_per_sample + fwd_per_sample / trial_epochs
-        fixed = len(lrs) * n_val * fwd_per_sample
-        for kk in ks:
-            pre = float(share[kk - 1])
-            if kk in split_notes:
-                train_cost += full_per_sample * (1 - pre) + fwd_per_sample * (1 + pre)
-                fixed += len(lrs) * n_val * fwd_per_sample
-            else:
-                train_cost += full_per_sample * (1 - pre) + fwd_per_sample * (1 - pre)
-                fixed += len(sub) * fwd_per_sample * pre
-        per_row = len(lrs) * trial_epochs * train_cost
-        left = budget - (time.perf_counter() - t_start) - fixed
-        # Fewer rows than this measure noise, not strategies: the budget gives way.
-        min_rows = min(len(tr_pos), max(8 * batch_size, 20 * len(classes)))
-        rows = int(np.clip(left / per_row if per_row > 0 else len(tr_pos), min_rows, len(tr_pos)))
-        tr_pos = tr_pos[:rows]
-        y_tr, y_va = y_sub[tr_pos], y_sub[va_pos]
-        steps = trial_epochs * math.ceil(rows / batch_size)
-        t_trials = time.perf_counter()
-        raw_tr, raw_va = take(x_sub, tr_pos), take(x_sub, va_pos)
 
-        def raw(m: Any, x: Any) -> Callable[[np.ndarray], Any]:
-            return lambda idx: _to(m.preprocess(take(x, idx)), dev)
+def _trial_rows(st: _Study, t_start: float) -> int:
+    """Size the trials' training half to the budget left: every rate of every candidate runs
+    trial_epochs passes over it, then one recalibration and one validation pass."""
+    fwd, full = st.fwd_per_sample, st.full_per_sample
+    # full: the steps, then one BatchNorm recalibration pass
+    train_cost = full + fwd / st.trial_epochs
+    fixed = len(st.lrs) * st.n_val * fwd
+    for kk in st.ks:
+        pre = float(st.share[kk - 1])
+        if kk in st.split_notes:
+            train_cost += full * (1 - pre) + fwd * (1 + pre)
+            fixed += len(st.lrs) * st.n_val * fwd
+        else:
+            train_cost += full * (1 - pre) + fwd * (1 - pre)
+            fixed += len(st.y_sub) * fwd * pre
+    per_row = len(st.lrs) * st.trial_epochs * train_cost
+    left = st.budget - (time.perf_counter() - t_start) - fixed
+    # Fewer rows than this measure noise, not strategies: the budget gives way.
+    min_rows = min(len(st.tr_pos), max(8 * st.batch_size, 20 * len(st.classes)))
+    return int(np.clip(left / per_row if per_row > 0 else len(st.tr_pos), min_rows,
+                       len(st.tr_pos)))
 
-        def cached(x: torch.Tensor) -> Callable[[np.ndarray], Any]:
-            return lambda idx: x[torch.as_tensor(idx)].to(dev)
 
-        # Every trial starts from the model as given (the same new head for all): head_only
-        # gets the same short AdamW run as the others, not a converged solver.
-        h = torch.from_numpy(np.ascontiguousarray(head_feats, dtype=np.float32))
-        h_tr, h_va = h[torch.as_tensor(tr_pos)], h[torch.as_tensor(va_pos)]
+_Rows = Callable[[np.ndarray], Any]
 
-        def runner(policy: str, opts: Dict[str, Any], fwd: Callable[[Any], Callable[[Any], Any]],
-                   x_tr: Callable[[Any], Callable[[np.ndarray], Any]],
-                   x_va: Callable[[Any], Callable[[np.ndarray], Any]]
-                   ) -> Callable[[float], Dict[str, Any]]:
-            def run(lr: float) -> Dict[str, Any]:
-                m = copy.deepcopy(model)
-                groups = m.freeze(policy, lr=lr, weight_decay=weight_decay, **opts)
-                return _short_run(fwd(m), m.train, groups, x_tr(m), y_tr, x_va(m), y_va,
-                                  trial_epochs, batch_size, seed, m.net)
-            return run
 
-        acts: Dict[int, Tuple[torch.Tensor, torch.Tensor, float]] = {}
-        if any(kk not in split_notes for kk in ks):
-            from pyft.cache import extract_features
+def _cached(x: torch.Tensor, dev: torch.device, mask: Optional[torch.Tensor] = None) -> _Rows:
+    """Rows of cached activations (with each row's attention mask for text suffixes)."""
+    if mask is None:
+        return lambda idx: x[torch.as_tensor(idx)].to(dev)
+    return lambda idx: {"features": x[torch.as_tensor(idx)].to(dev),
+                        "attention_mask": mask[torch.as_tensor(idx)].to(dev)}
 
-            with tempfile.TemporaryDirectory(prefix="pyft-advise-") as tmp:
-                for kk in ks:
-                    if kk in split_notes:
-                        continue
-                    t0 = time.perf_counter()
-                    entry = extract_features(work, x_sub, cut=kk, cache_dir=tmp, batch_size=64,
-                                             progress=False, distributed=False)
-                    act = torch.from_numpy(np.asarray(entry.features, dtype=np.float32))
-                    # Text entries carry each row's attention mask, which the suffix needs.
-                    mask = entry.extras.get("attention_mask")
-                    if mask is not None:
-                        mask = torch.from_numpy(np.asarray(mask))
-                    tr_i, va_i = torch.as_tensor(tr_pos), torch.as_tensor(va_pos)
-                    acts[kk] = (act[tr_i], act[va_i], (time.perf_counter() - t0) / len(sub),
-                                None if mask is None else mask[tr_i],
-                                None if mask is None else mask[va_i])
-                    del entry, act, mask
 
-        def cached_with_mask(x: torch.Tensor, mask: Optional[torch.Tensor]
-                             ) -> Callable[[np.ndarray], Any]:
-            if mask is None:
-                return cached(x)
-            return lambda idx: {"features": x[torch.as_tensor(idx)].to(dev),
-                                "attention_mask": mask[torch.as_tensor(idx)].to(dev)}
+def _prefix_activations(st: _Study) -> Dict[int, Tuple[Any, ...]]:
+    """Each splittable depth's prefix output on the subsample, computed once through the feature
+    cache as the real run does: (train rows, val rows, seconds per sample, train masks,
+    val masks)."""
+    acts: Dict[int, Tuple[Any, ...]] = {}
+    if all(kk in st.split_notes for kk in st.ks):
+        return acts
+    from pyft.cache import extract_features
 
-        def suffix_of(kk: int) -> Callable[[Any], Callable[[Any], Any]]:
-            def make(m: Any) -> Callable[[Any], Any]:
-                suffix = split_model(m, kk)[1]
-                return lambda x: suffix(**x) if isinstance(x, dict) else suffix(x)
-            return make
+    tr_i, va_i = torch.as_tensor(st.tr_pos), torch.as_tensor(st.va_pos)
+    with tempfile.TemporaryDirectory(prefix="pyft-advise-") as tmp:
+        for kk in st.ks:
+            if kk in st.split_notes:
+                continue
+            t0 = time.perf_counter()
+            entry = extract_features(st.work, st.x_sub, cut=kk, cache_dir=tmp, batch_size=64,
+                                     progress=False, distributed=False)
+            act = torch.from_numpy(np.asarray(entry.features, dtype=np.float32))
+            # Text entries carry each row's attention mask, which the suffix needs.
+            mask = entry.extras.get("attention_mask")
+            if mask is not None:
+                mask = torch.from_numpy(np.asarray(mask))
+            acts[kk] = (act[tr_i], act[va_i], (time.perf_counter() - t0) / len(st.y_sub),
+                        None if mask is None else mask[tr_i],
+                        None if mask is None else mask[va_i])
+            del entry, act, mask
+    return acts
 
-        def run_of(m: Any) -> Callable[[Any], Any]:
-            return m.run
 
-        def raw_tr_of(m: Any) -> Callable[[np.ndarray], Any]:
-            return raw(m, raw_tr)
+def _candidates(st: _Study, acts: Dict[int, Tuple[Any, ...]]
+                ) -> List[Tuple[str, str, Optional[int], Callable[[float], Dict[str, Any]]]]:
+    """(name, strategy, k, run(lr)) of every candidate. Every trial starts from the model as
+    given (the same new head for all): head_only gets the same short AdamW run as the others,
+    not a converged solver; what is frozen trains from its cache."""
+    from pyft.split import split_model
 
-        def raw_va_of(m: Any) -> Callable[[np.ndarray], Any]:
-            return raw(m, raw_va)
+    dev = st.dev
+    y_tr, y_va = st.y_sub[st.tr_pos], st.y_sub[st.va_pos]
+    raw_tr, raw_va = take(st.x_sub, st.tr_pos), take(st.x_sub, st.va_pos)
+    h = torch.from_numpy(np.ascontiguousarray(st.head_feats, dtype=np.float32))
+    h_tr, h_va = h[torch.as_tensor(st.tr_pos)], h[torch.as_tensor(st.va_pos)]
 
-        def ff_runner(kk: int) -> Callable[[float], Dict[str, Any]]:
-            opts = {"k": kk, "lr_ratio": lr_ratio}
-            if kk in acts:
-                a_tr, a_va, _, m_tr, m_va = acts[kk]
-                return runner("freeze_first", opts, suffix_of(kk),
-                              lambda m: cached_with_mask(a_tr, m_tr),
-                              lambda m: cached_with_mask(a_va, m_va))
-            return runner("freeze_first", opts, run_of, raw_tr_of, raw_va_of)
+    def raw(x: Any) -> Callable[[Any], _Rows]:
+        return lambda m: (lambda idx: _to(m.preprocess(take(x, idx)), dev))
 
-        n_all = n + n_val_real
-        cands = [("head_only", "head_only", None,
-                  lambda: runner("head_only", {}, lambda m: m.head, lambda m: cached(h_tr),
-                                 lambda m: cached(h_va)))]
-        cands += [(f"freeze_first({kk})", "freeze_first", kk, (lambda kk=kk: ff_runner(kk)))
-                  for kk in ks]
-        cands += [("full", "full", None,
-                   lambda: runner("full", {"lr_ratio": lr_ratio}, run_of, raw_tr_of, raw_va_of))]
-        for cname, strat, kk, make in cands:
-            runs = []
-            t_make = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                run_one = make()
-            t_make = time.perf_counter() - t_make
-            for lr in lrs:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    r = run_one(lr)
-                r["lr"] = float(lr)
-                runs.append(r)
-                _log.info("trial %s lr %g: accuracy %.3f in %.1f s", cname, lr, r["accuracy"],
-                          r["seconds"])
-            ok = [r for r in runs if not r["diverged"]] or runs
-            top = max(ok, key=lambda r: (r["accuracy"], -r["lr"]))
-            tr_s, ev_s = top["train_per_sample"], top["eval_per_sample"]
-            if strat == "head_only":
-                pre = fwd_per_sample
-                note = "one body pass, then the head on the cache"
-            elif strat == "freeze_first" and kk in acts:
-                pre = acts[kk][2]
-                note = f"cached prefix ({pre * 1e3:.1f} ms/sample once), suffix trains"
-            elif strat == "freeze_first":
-                pre = 0.0
-                note = (f"NOT cached: {split_notes[kk]}; end to end with the prefix frozen, "
-                        "the estimate is uncached")
-            else:
-                pre = 0.0
-                note = "end to end"
-            est = pre * n_all + epochs * (tr_s * n + ev_s * n_val_real)
-            results[cname] = {
-                "strategy": strat, "k": kk, "lr": top["lr"], "accuracy": top["accuracy"],
-                "stderr": top["stderr"], "estimated_seconds": est,
-                "cached": strat == "head_only" or (strat == "freeze_first" and kk in acts),
-                "cost": {"prefix_per_sample": pre, "train_per_sample": tr_s,
-                         "eval_per_sample": ev_s},
-                "trial_seconds": t_make + float(sum(r["seconds"] for r in runs)),
-                "lr_grid": [{"lr": r["lr"], "accuracy": r["accuracy"], "diverged": r["diverged"]}
-                            for r in runs],
-                "note": note, "_correct": top["correct"]}
-        setup = {"train_samples": int(rows), "val_samples": int(len(va_pos)), "steps": int(steps),
-                 "epochs": int(trial_epochs), "batch_size": int(batch_size), "lrs": list(lrs),
-                 "seconds": time.perf_counter() - t_trials, "budget": float(budget)}
-    results["scratch"] = {
-        "strategy": "scratch", "k": None, "lr": None, "accuracy": None, "stderr": None,
-        "estimated_seconds": full_per_sample * n * epochs * 3, "cached": False,
-        "note": "not trialled: needs far more data than a subsample; assumes 3x the epochs"}
+    def runner(policy: str, opts: Dict[str, Any], fwd: Callable[[Any], Callable[[Any], Any]],
+               x_tr: Callable[[Any], _Rows], x_va: Callable[[Any], _Rows]
+               ) -> Callable[[float], Dict[str, Any]]:
+        def run(lr: float) -> Dict[str, Any]:
+            m = copy.deepcopy(st.model)
+            groups = m.freeze(policy, lr=lr, weight_decay=st.weight_decay, **opts)
+            return _short_run(fwd(m), m.train, groups, x_tr(m), y_tr, x_va(m), y_va,
+                              st.trial_epochs, st.batch_size, st.seed, m.net)
+        return run
 
-    # Decision: the cheapest candidate within tolerance of the best trial accuracy.
-    lr_choice: Optional[float] = None
-    k_choice: Optional[int] = k
-    if trials:
-        cands_r = {c: r for c, r in results.items() if r.get("accuracy") is not None}
-        best_name = max(cands_r, key=lambda c: (cands_r[c]["accuracy"],
-                                                -cands_r[c]["estimated_seconds"]))
-        top = cands_r[best_name]
-        for c, r in cands_r.items():
-            r["gap"] = float(top["accuracy"] - r["accuracy"])
-            r["gap_stderr"] = _paired_stderr(top["_correct"], r["_correct"])
-        ok = [c for c, r in cands_r.items() if r["gap"] <= ACCURACY_TOLERANCE + 1e-12]
-        choice = min(ok, key=lambda c: cands_r[c]["estimated_seconds"])
-        for c, r in cands_r.items():
-            r["recommended"] = c == choice
-            del r["_correct"]
-        ch = cands_r[choice]
-        strategy = ch["strategy"]
-        lr_choice = ch["lr"]
-        k_choice = ch["k"]
-        parts = [f"on a {setup['train_samples']}-sample trial ({setup['steps']} steps each), "
-                 f"{choice} at lr {ch['lr']:g} reached {ch['accuracy']:.1%} "
-                 f"(est. {_fmt_s(ch['estimated_seconds'])} for {epochs} epochs on all {n} samples)"]
-        if best_name != choice:
-            parts.append(f"{best_name} reached {top['accuracy']:.1%} at lr {top['lr']:g} "
-                         f"(est. {_fmt_s(top['estimated_seconds'])}): a gap of {ch['gap']:.1%} "
-                         f"+- {ch['gap_stderr']:.1%}, within tolerance, so the cheaper one is "
-                         "preferred")
-        others = [f"{c} {r['accuracy']:.1%} ({_fmt_s(r['estimated_seconds'])})"
-                  for c, r in cands_r.items() if c not in (choice, best_name)]
-        if others:
-            parts.append("others: " + ", ".join(others))
-        if strategy == "freeze_first" and not ch["cached"]:
-            parts.append(f"freeze_first runs WITHOUT a cached prefix ({split_notes[ch['k']]})")
-        if strategy != quadrant:
-            parts.append(f"the quadrant prior ({prior_size} data, {prior_sim} domain) said {quadrant}")
-        reason = "; ".join(parts)
+    def suffix_of(kk: int) -> Callable[[Any], Callable[[Any], Any]]:
+        def make(m: Any) -> Callable[[Any], Any]:
+            suffix = split_model(m, kk)[1]
+            return lambda x: suffix(**x) if isinstance(x, dict) else suffix(x)
+        return make
+
+    def ff_runner(kk: int) -> Callable[[float], Dict[str, Any]]:
+        opts = {"k": kk, "lr_ratio": st.lr_ratio}
+        if kk in acts:
+            a_tr, a_va, _, m_tr, m_va = acts[kk]
+            return runner("freeze_first", opts, suffix_of(kk),
+                          lambda m: _cached(a_tr, dev, m_tr), lambda m: _cached(a_va, dev, m_va))
+        return runner("freeze_first", opts, lambda m: m.run, raw(raw_tr), raw(raw_va))
+
+    cands = [("head_only", "head_only", None,
+              lambda: runner("head_only", {}, lambda m: m.head, lambda m: _cached(h_tr, dev),
+                             lambda m: _cached(h_va, dev)))]
+    cands += [(f"freeze_first({kk})", "freeze_first", kk, (lambda kk=kk: ff_runner(kk)))
+              for kk in st.ks]
+    cands += [("full", "full", None,
+               lambda: runner("full", {"lr_ratio": st.lr_ratio}, lambda m: m.run, raw(raw_tr),
+                              raw(raw_va)))]
+    return cands
+
+
+def _trial_one(st: _Study, name: str, strat: str, kk: Optional[int],
+               make: Callable[[], Callable[[float], Dict[str, Any]]],
+               acts: Dict[int, Tuple[Any, ...]]) -> Dict[str, Any]:
+    """One candidate over the learning-rate grid: its best rate's result and the estimated
+    time of the real run from the costs it measured."""
+    runs = []
+    t_make = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(st.seed)
+        run_one = make()
+    t_make = time.perf_counter() - t_make
+    for lr in st.lrs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(st.seed)
+            r = run_one(lr)
+        r["lr"] = float(lr)
+        runs.append(r)
+        _log.info("trial %s lr %g: accuracy %.3f in %.1f s", name, lr, r["accuracy"],
+                  r["seconds"])
+    ok = [r for r in runs if not r["diverged"]] or runs
+    top = max(ok, key=lambda r: (r["accuracy"], -r["lr"]))
+    tr_s, ev_s = top["train_per_sample"], top["eval_per_sample"]
+    if strat == "head_only":
+        pre, note = st.fwd_per_sample, "one body pass, then the head on the cache"
+    elif strat == "freeze_first" and kk in acts:
+        pre = acts[kk][2]
+        note = f"cached prefix ({pre * 1e3:.1f} ms/sample once), suffix trains"
+    elif strat == "freeze_first":
+        pre = 0.0
+        note = (f"NOT cached: {st.split_notes[kk]}; end to end with the prefix frozen, "
+                "the estimate is uncached")
     else:
-        strategy = quadrant
-        reason = (f"{prior_size} data ({float(np.median(counts)):.0f} samples per class, threshold "
-                  f"{SMALL_PER_CLASS}) and a {prior_sim} domain (last-block probe {accs[-1]:.1%} vs "
-                  f"best {accs[best]:.1%} at {probes[best]['block']}); no trial runs")
-    if not similar:
-        reason += (f". Probes: {probes[best]['block']} ({accs[best]:.1%}) beats the last block "
-                   f"({accs[-1]:.1%}), so the top blocks do not transfer as they are")
-    if strategy == "full" and not small and not similar:
-        reason += "; with this much dissimilar data, training from scratch is an alternative to compare"
-    return Advice(
-        strategy=strategy, k=k_choice if strategy == "freeze_first" else None, reason=reason,
-        size=size,
-        probes=probes, bn_shift=bn_shift, trials=results,
-        prior={"size": prior_size, "similarity": prior_sim, "quadrant": quadrant},
-        thresholds={"small_per_class": SMALL_PER_CLASS, "similar_tolerance": SIMILAR_TOLERANCE,
-                    "accuracy_tolerance": ACCURACY_TOLERANCE, "time_budget": budget,
-                    "budget_share": BUDGET_SHARE},
-        seconds=time.perf_counter() - t_start, block_names=work.block_names, lr=lr_choice,
-        trial_setup=setup)
+        pre, note = 0.0, "end to end"
+    est = pre * (st.n + st.n_val_real) + st.epochs * (tr_s * st.n + ev_s * st.n_val_real)
+    return {
+        "strategy": strat, "k": kk, "lr": top["lr"], "accuracy": top["accuracy"],
+        "stderr": top["stderr"], "estimated_seconds": est,
+        "cached": strat == "head_only" or (strat == "freeze_first" and kk in acts),
+        "cost": {"prefix_per_sample": pre, "train_per_sample": tr_s, "eval_per_sample": ev_s},
+        "trial_seconds": t_make + float(sum(r["seconds"] for r in runs)),
+        "lr_grid": [{"lr": r["lr"], "accuracy": r["accuracy"], "diverged": r["diverged"]}
+                    for r in runs],
+        "note": note, "_correct": top["correct"]}
+
+
+def _run_trials(st: _Study, t_start: float) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
+    """Every candidate's short run on the same rows: results by candidate name, and the setup."""
+    rows = _trial_rows(st, t_start)
+    st.tr_pos = st.tr_pos[:rows]
+    t_trials = time.perf_counter()
+    acts = _prefix_activations(st)
+    results = {name: _trial_one(st, name, strat, kk, make, acts)
+               for name, strat, kk, make in _candidates(st, acts)}
+    setup = {"train_samples": int(rows), "val_samples": int(len(st.va_pos)),
+             "steps": int(st.trial_epochs * math.ceil(rows / st.batch_size)),
+             "epochs": int(st.trial_epochs), "batch_size": int(st.batch_size),
+             "lrs": list(st.lrs), "seconds": time.perf_counter() - t_trials,
+             "budget": float(st.budget)}
+    return results, setup
+
+
+def _decide(st: _Study, results: Dict[str, Dict[str, Any]], setup: Dict[str, Any]
+            ) -> Tuple[str, Optional[int], Optional[float], str]:
+    """The cheapest candidate within tolerance of the best trial accuracy, and why."""
+    cands_r = {c: r for c, r in results.items() if r.get("accuracy") is not None}
+    best_name = max(cands_r, key=lambda c: (cands_r[c]["accuracy"],
+                                            -cands_r[c]["estimated_seconds"]))
+    top = cands_r[best_name]
+    for r in cands_r.values():
+        r["gap"] = float(top["accuracy"] - r["accuracy"])
+        r["gap_stderr"] = _paired_stderr(top["_correct"], r["_correct"])
+    ok = [c for c, r in cands_r.items() if r["gap"] <= ACCURACY_TOLERANCE + 1e-12]
+    choice = min(ok, key=lambda c: cands_r[c]["estimated_seconds"])
+    for c, r in cands_r.items():
+        r["recommended"] = c == choice
+        del r["_correct"]
+    ch = cands_r[choice]
+    parts = [f"on a {setup['train_samples']}-sample trial ({setup['steps']} steps each), "
+             f"{choice} at lr {ch['lr']:g} reached {ch['accuracy']:.1%} "
+             f"(est. {_fmt_s(ch['estimated_seconds'])} for {st.epochs} epochs on all {st.n} "
+             "samples)"]
+    if best_name != choice:
+        parts.append(f"{best_name} reached {top['accuracy']:.1%} at lr {top['lr']:g} "
+                     f"(est. {_fmt_s(top['estimated_seconds'])}): a gap of {ch['gap']:.1%} "
+                     f"+- {ch['gap_stderr']:.1%}, within tolerance, so the cheaper one is "
+                     "preferred")
+    others = [f"{c} {r['accuracy']:.1%} ({_fmt_s(r['estimated_seconds'])})"
+              for c, r in cands_r.items() if c not in (choice, best_name)]
+    if others:
+        parts.append("others: " + ", ".join(others))
+    if ch["strategy"] == "freeze_first" and not ch["cached"]:
+        parts.append(f"freeze_first runs WITHOUT a cached prefix ({st.split_notes[ch['k']]})")
+    if ch["strategy"] != st.quadrant:
+        parts.append(f"the quadrant prior ({st.prior_size} data, {st.prior_sim} domain) said "
+                     f"{st.quadrant}")
+    return ch["strategy"], ch["k"], ch["lr"], "; ".join(parts)
+
+
+def _prior_reason(st: _Study) -> str:
+    accs = [p["accuracy"] for p in st.probes]
+    return (f"{st.prior_size} data ({float(np.median(st.counts)):.0f} samples per class, "
+            f"threshold {SMALL_PER_CLASS}) and a {st.prior_sim} domain (last-block probe "
+            f"{accs[-1]:.1%} vs best {accs[st.best]:.1%} at {st.probes[st.best]['block']}); "
+            "no trial runs")
+
+
+def _domain_remark(st: _Study, strategy: str) -> str:
+    accs = [p["accuracy"] for p in st.probes]
+    out = ""
+    if not st.similar:
+        out += (f". Probes: {st.probes[st.best]['block']} ({accs[st.best]:.1%}) beats the last "
+                f"block ({accs[-1]:.1%}), so the top blocks do not transfer as they are")
+    if strategy == "full" and not st.small and not st.similar:
+        out += ("; with this much dissimilar data, training from scratch is an alternative to "
+                "compare")
+    return out
