@@ -16,7 +16,8 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "ArgumentTypeError", "check_bool", "check_choice", "check_number", "did_you_mean",
+    "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_number",
+    "check_positive", "did_you_mean",
     "import_optional", "stratified_holdout", "labels_1d", "expand_image_paths",
 ]
 
@@ -60,6 +61,24 @@ def check_number(name: str, value: Any, *, low: Optional[float] = None,
         raise ValueError(f"{name} must be {op} {low}; got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}; got {value!r}")
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int >= ``low`` ("batch_size must be an int >= 1; got 0")."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an int >= {low}; got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value: Any, what: str = "a positive number") -> float:
+    """``value`` as a finite float > 0 ("lr must be a positive number; got 0")."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be {what}; got {value!r}")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    return float(value)
 
 
 def check_bool(name: str, value: Any) -> None:

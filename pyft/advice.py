@@ -82,7 +82,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyft._checks import stratified_holdout
+from pyft._checks import check_int, check_positive, stratified_holdout
 from pyft.data import take
 
 __all__ = ["advise", "Advice", "SMALL_PER_CLASS", "SIMILAR_TOLERANCE", "ACCURACY_TOLERANCE",
@@ -586,20 +586,16 @@ def _setup(model: Any, data: Any, labels: Any, *, epochs: Any, val_samples: Any,
     for name, v, lo in (("epochs", epochs, 1), ("probe_samples", probe_samples, 20),
                         ("folds", folds, 2), ("batch_size", batch_size, 1),
                         ("trial_epochs", trial_epochs, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-    if time_budget is not None and (isinstance(time_budget, bool)
-                                    or not isinstance(time_budget, (int, float))
-                                    or not time_budget > 0):
-        raise ValueError(f"time_budget must be a positive number of seconds; got {time_budget!r}")
-    if val_samples is not None and (isinstance(val_samples, bool)
-                                    or not isinstance(val_samples, (int, np.integer))
-                                    or val_samples < 0):
-        raise ValueError(f"val_samples must be an int >= 0; got {val_samples!r}")
+        check_int(name, v, lo)
+    if time_budget is not None:
+        check_positive("time_budget", time_budget, "a positive number of seconds")
+    if val_samples is not None:
+        check_int("val_samples", val_samples, 0)
     lrs = tuple(LR_GRIDS.get(model.kind, LR_GRIDS["image"]) if lrs is None else lrs)
-    if not lrs or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
-                      for v in lrs):
+    if not lrs:
         raise ValueError(f"lrs must be a non-empty sequence of positive numbers; got {lrs!r}")
+    for v in lrs:
+        check_positive("lrs", v, "a non-empty sequence of positive numbers")
 
     n = len(y_all)
     counts = np.bincount(y_idx)

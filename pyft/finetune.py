@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyft._checks import stratified_holdout
+from pyft._checks import check_int, check_positive, did_you_mean, stratified_holdout
 from pyft.data import LabeledData, load_data, take
 
 __all__ = ["FineTuner", "STRATEGIES"]
@@ -131,18 +131,13 @@ class FineTuner:
                  autocast: Optional[bool] = None, device: str = "cpu", seed: int = 0,
                  progress: bool = True, distributed: Any = None) -> None:
         if strategy not in STRATEGIES:
-            import difflib
-
-            close = difflib.get_close_matches(str(strategy), STRATEGIES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}{hint}")
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}"
+                             f"{did_you_mean(strategy, STRATEGIES, n=1)}")
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                             ("patience", patience, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
-                               or not lr > 0):
-            raise ValueError(f"lr must be a positive number or None; got {lr!r}")
+            check_int(name, v, lo)
+        if lr is not None:
+            check_positive("lr", lr, "a positive number or None")
         if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
         self.model = model
@@ -248,12 +243,16 @@ class FineTuner:
         self.history_: List[Dict[str, Any]] = []
         self.cache_used_ = strategy == "head_only"
         self.split_reason_: Optional[str] = None
+        t = time.perf_counter()
         if strategy == "head_only":
             self._fit_head_only(model, train_d, val_d)
         elif strategy == "freeze_first":
             self._fit_freeze_first(model, k, train_d, val_d)
         else:
             self._fit_end_to_end(model, strategy, train_d, val_d)
+        # Everything of the run that is not extraction is training (model surgery, data
+        # loaders, per-epoch validation): the phases add up to the total by construction.
+        self._seconds["train"] = max(0.0, time.perf_counter() - t - self._seconds["extract"])
         model.eval()
         self.model_ = model
         self.classes_ = list(data.classes)
@@ -312,8 +311,7 @@ class FineTuner:
             b[classes] = clf.intercept_
             return W, b, int(clf.n_iter_), float(clf.score(e_va.features, e_va.labels))
 
-        W, b, iters, acc = self._timed("train", on_rank0, fit_head, "fitting the head",
-                                       self._ranks)
+        W, b, iters, acc = on_rank0(fit_head, "fitting the head", self._ranks)
         with torch.no_grad():
             model.head.weight.copy_(torch.from_numpy(W))
             model.head.bias.copy_(torch.from_numpy(b))
@@ -403,7 +401,7 @@ class FineTuner:
             self.split_reason_ = str(e)
             _log.warning("freeze_first without a cached prefix: %s; training end to end with the "
                          "prefix frozen (it is recomputed every epoch)", e)
-            self._timed("train", self._end_to_end_loop, model, groups, tr, va)
+            self._end_to_end_loop(model, groups, tr, va)
             return
         self.cache_used_ = True
         e_tr = self._timed("extract", self._cache, model, tr, k)
@@ -431,8 +429,7 @@ class FineTuner:
         def forward(x: Any) -> Any:
             return suffix(**x) if isinstance(x, dict) else suffix(x)
 
-        self._timed("train", self._train_loop, model, groups, forward, train_batches,
-                    val_batches, steps)
+        self._train_loop(model, groups, forward, train_batches, val_batches, steps)
 
     def _fit_end_to_end(self, model: Any, strategy: str, tr: LabeledData, va: LabeledData) -> None:
         opts: Dict[str, Any] = {}
@@ -441,7 +438,7 @@ class FineTuner:
         else:
             opts = {"seed": self.seed}
         groups = model.freeze(strategy, lr=self.lr_, weight_decay=self.weight_decay, **opts)
-        self._timed("train", self._end_to_end_loop, model, groups, tr, va)
+        self._end_to_end_loop(model, groups, tr, va)
 
     def _end_to_end_loop(self, model: Any, groups: List[Dict[str, Any]], tr: LabeledData,
                          va: LabeledData) -> None:
