@@ -208,7 +208,8 @@ def main(argv=None):
         warm = []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            e2 = extract_features(model, imgs, y, cache_dir=cache_dir, batch_size=bs, progress=False)
+            e2 = extract_features(model, imgs, y, cache_dir=cache_dir, batch_size=bs,
+                                  progress=False)
             warm.append(time.perf_counter() - t)
         t_warm = statistics.median(warm)
         if check(e2.reused and np.array_equal(np.asarray(e2.features), np.asarray(entry.features)),

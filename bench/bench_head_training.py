@@ -122,7 +122,8 @@ class Meter:
     The machine is shared: when another process runs, the OpenMP barriers of both pyft and
     torch wait for descheduled threads and a run can be 10-100x slower. Contention is the run
     delay of this process's threads (from /proc/self/task/*/schedstat) per second of wall time;
-    a run above ``threshold`` is repeated (up to ``retries`` times, after 1, 2, 3... s pauses, within a total budget) and the
+    a run above ``threshold`` is repeated (up to ``retries`` times, after 1, 2, 3... s pauses,
+    within a total budget) and the
     least contended attempt is kept (and counted in the summary if still above threshold).
     """
 
@@ -413,7 +414,8 @@ def bench_shape(shape, peaks, args, results):
             continue
         log(
             f"  {n:>6} {d:>5} {c:>5} {opt:>5} {row['kernel']:>5} | torch {ts:8.4f} s/ep | "
-            f"pyft {ps:8.4f} s/ep (native {row['pyft_native_s_per_epoch']:.4f}) | x{ratio:6.2f} (target {target:>4}x: "
+            f"pyft {ps:8.4f} s/ep (native {row['pyft_native_s_per_epoch']:.4f}) | "
+            f"x{ratio:6.2f} (target {target:>4}x: "
             f"{'PASS' if row['met'] else 'MISS'}) | roofline {rl6 * 1e3:7.2f} ms "
             f"({bound}) frac6 {rl6 / ps:5.1%} frac4 {rl4 / ps:5.1%} | "
             f"loss/acc torch {lt:.4f}/{at:.4f} pyft {lp:.4f}/{ap:.4f} ok"
@@ -605,7 +607,8 @@ def bench_kernels(args, results):
         results["kernels"].append(row)
         log(
             f"  C={c:>3}: fused {f:8.4f} s/ep | blas {b:8.4f} s/ep | blas/fused {b / f:5.2f} | "
-            f"winner {win:>5} | auto picks {auto}{'' if auto == win else '  <-- auto is not the best'}"
+            f"winner {win:>5} | auto picks {auto}"
+            f"{'' if auto == win else '  <-- auto is not the best'}"
         )
         del X, y
         gc.collect()

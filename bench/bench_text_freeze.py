@@ -13,7 +13,8 @@ batch order, epochs and rows:
 
 A run = from the loaded pretrained model to the trained one: freeze, tokenize or look up the
 cache (the cached arm's cold run also extracts it), train E epochs; loading the weights, the same
-in both arms, is not timed. Reported: the median of --repeats runs of each arm with a warm cache (what every run after the
+in both arms, is not timed. Reported: the median of --repeats runs of each arm with a warm cache
+(what every run after the
 first costs: trials, grids, re-runs), the cold run (extraction included), and the test accuracy
 of both arms (full model forward on held-out articles). The warm runs must end with the same
 weights as the cold run (the cache is reused exactly), and the accuracies must agree within

@@ -27,13 +27,13 @@ class ArgumentTypeError(TypeError, ValueError):
 
 
 def did_you_mean(name: Any, choices: Iterable[str], n: int = 3, cutoff: float = 0.5) -> str:
-    """``"; did you mean 'x'?"`` for the choices closest to ``name``, or ``""`` when none is close."""
+    """``"; did you mean 'x'?"`` for the choices closest to ``name``; ``""`` when none is."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=cutoff)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming ``name``, the choices and the nearest one unless ``value`` is one."""
+    """``ValueError`` naming ``name``, the choices and the nearest one, unless ``value`` is one."""
     if value not in choices:
         hint = did_you_mean(value, [c for c in choices if isinstance(c, str)], n=1) \
             if isinstance(value, str) else ""

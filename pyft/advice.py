@@ -158,13 +158,15 @@ class Advice:
         if self.probes:
             best = max(self.probes, key=lambda p: p["accuracy"])
             lines.append(
-                f"Linear probes ({self.probes[0]['folds']}-fold CV on {self.probes[0]['samples']} samples): "
+                f"Linear probes ({self.probes[0]['folds']}-fold CV on "
+                f"{self.probes[0]['samples']} samples): "
                 + ", ".join(f"{p['block']} {p['accuracy']:.3f}" for p in self.probes)
                 + f"; best {best['block']}; domain {self.prior['similarity']}")
         if self.bn_shift:
             worst = max(self.bn_shift, key=lambda b: b["kl"])
             lines.append(f"BatchNorm statistics shift (KL, nats): first block "
-                         f"{self.bn_shift[0]['kl']:.2f}, largest {worst['kl']:.2f} at {worst['block']}")
+                         f"{self.bn_shift[0]['kl']:.2f}, largest {worst['kl']:.2f} at "
+                         f"{worst['block']}")
         ts = self.trial_setup
         if ts:
             lines.append(f"Trials: {ts['train_samples']} train / {ts['val_samples']} validation "
@@ -206,7 +208,8 @@ def _as_inputs_labels(data: Any, labels: Any) -> Tuple[Any, np.ndarray]:
         raise ValueError(f"labels must be 1-D; got shape {y.shape}")
     n = len(data) if not hasattr(data, "shape") else data.shape[0]
     if n != len(y):
-        raise ValueError(f"inputs and labels must have the same length; got {n} inputs and {len(y)} labels")
+        raise ValueError(f"inputs and labels must have the same length; got {n} inputs and "
+                         f"{len(y)} labels")
     if n == 0:
         raise ValueError("advise needs data; got 0 samples")
     return data, y

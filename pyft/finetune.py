@@ -333,7 +333,8 @@ class FineTuner:
         params = [p for g in groups for p in g["params"]]
         opt, sched = warmup_cosine(groups, steps_per_epoch * self.epochs)
         best, best_state, bad = math.inf, None, 0
-        use_autocast = self.autocast if self.autocast is not None else self.device.startswith("cuda")
+        use_autocast = (self.autocast if self.autocast is not None
+                        else self.device.startswith("cuda"))
         for epoch in range(self.epochs):
             t = time.perf_counter()
             model.train()

@@ -78,7 +78,8 @@ def test_extract_fit_eval_export_predict(image_folder, tmp_path):
     assert fit["strategy"] == "head_only" and fit["val_accuracy"] > 0.5
     report = tmp_path / "run" / "report"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["strategy"] == "head_only" and metrics["classes"] == ["digit0", "digit1", "digit2"]
+    assert metrics["strategy"] == "head_only"
+    assert metrics["classes"] == ["digit0", "digit1", "digit2"]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
     out = run("eval", str(tmp_path / "run" / "model"), str(image_folder / "test"), "--json")
