@@ -238,7 +238,8 @@ def bench_inference(args) -> dict:
         model = pyft.load_model("efficientnet_lite0", 10).eval()
     except Exception as exc:  # the bundled weights are an optional install on a bare machine
         return {"skipped": f"EfficientNet-Lite0 unavailable: {exc}"}
-    from pyft.export import InferenceSession, export_onnx
+    from pyft.export import export_onnx
+    from pyft.inference import InferenceSession
 
     x = torch.randn(64, 3, 224, 224)
     with tempfile.TemporaryDirectory() as work:

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 import pyft
-from pyft.export import InferenceSession, export_onnx
+from pyft.export import export_onnx
+from pyft.inference import InferenceSession
 from pyft.preprocessing import ImagePreprocessing
 
 THROUGHPUT_TARGET = 1.2

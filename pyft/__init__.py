@@ -33,7 +33,7 @@ _LAZY = {
     "load_data": "pyft.data",
     "Advice": "pyft.advice",
     "export_onnx": "pyft.export",
-    "InferenceSession": "pyft.export",
+    "InferenceSession": "pyft.inference",
 }
 
 __all__ = ["HeadClassifier", "init_head_params", "head_param_count", "__version__", *_LAZY]

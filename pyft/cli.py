@@ -220,7 +220,7 @@ def _cmd_export(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
 
 def _cmd_predict(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     if args.model.endswith(".onnx"):
-        from pyft.export import predict_files
+        from pyft.inference import predict_files
 
         out = predict_files(args.model, args.inputs, top_k=args.top_k)
         for p in out["predictions"]:
@@ -464,7 +464,8 @@ def _demo_onnx(model: Any, class_names: List[str], Xte: Any, pred: Any,
 
     import numpy as np
 
-    from pyft.export import InferenceSession, export_onnx
+    from pyft.export import export_onnx
+    from pyft.inference import InferenceSession
 
     t = time.perf_counter()
     # torch's exporter logs a warning per torchvision op it cannot register when torchvision

