@@ -46,16 +46,31 @@ def torch_to_numpy(x: Any, name: str = "features") -> Tuple[np.ndarray, bool]:
     import torch
 
     if x.device.type != "cpu":
-        raise ValueError(
-            f"{name} must be on the CPU for this operation (it has no CUDA kernel); got a tensor "
-            f"on {x.device}. Call .cpu() first. pyft's CUDA kernels (builds with "
-            "PYFT_ENABLE_CUDA=ON) cover gather_rows, mini-batch head training (linear head) and "
-            "fit_grid"
-        )
+        raise ValueError(_not_on_cpu_message(name, x.device))
     x = x.detach()
     if x.dtype == torch.bfloat16:
         return x.view(torch.int16).numpy().view(np.uint16), True
     return x.numpy(), False
+
+
+def _not_on_cpu_message(name: str, device: Any) -> str:
+    """Why a tensor on ``device`` is refused, and, for a CUDA tensor, what this build does run
+    on the GPU (read from the core, so the message stays true for CPU and CUDA builds)."""
+    msg = (f"{name} must be on the CPU for this operation; got a tensor on {device}. Call .cpu() "
+           "first.")
+    if device.type != "cuda":
+        return msg
+    from pyft import _core
+
+    # Only mini-batch training of the linear head has a CUDA kernel; everything else reads
+    # host memory.
+    cpu_only = ("L-BFGS (solver='lbfgs'), predict / predict_proba / decision_function, the MLP "
+                "head and train_head_data_parallel run on the CPU only")
+    if "train_head" in _core.cuda_kernels():
+        return (f"{msg} On CUDA tensors pyft trains linear heads with solver 'sgd' or 'adamw' "
+                f"(HeadClassifier.fit, fit_grid); {cpu_only}.")
+    return (f"{msg} This pyft build has no CUDA kernels; a build with PYFT_ENABLE_CUDA=ON trains "
+            f"linear heads with solver 'sgd' or 'adamw' on CUDA tensors; {cpu_only}.")
 
 
 def as_feature_array(x: Any, name: str = "features",

@@ -4,14 +4,15 @@
 - Extraction: :func:`pyft.cache.extract_features` splits the chunks of one cache entry over the
   ranks when a process group is initialised (byte-identical to one process, resumable).
 - Head grids: :func:`pyft.grid.fit_grid` splits the grid points over the ranks.
-- One large head: :func:`train_head_data_parallel` -- each rank computes the gradient of its share
-  of every global batch and an all-reduce sums them, so the result is the one-process run with
-  the same global batch (up to float summation order).
+- One large head: :func:`pyft.training.train_head_data_parallel` -- each rank computes the
+  gradient of its share of every global batch and an all-reduce sums them, so the result is the
+  one-process run with the same global batch (up to float summation order).
 - :class:`pyft.FineTuner` (and ``pyft fit``): rank 0 advises and fits the L-BFGS head
   (:func:`on_rank0`), PyTorch training is data-parallel (:func:`all_reduce_gradients`,
   :func:`sync_buffers`).
 
 No sockets, schedulers or cluster code of pyft's own: everything goes through torch.distributed.
+This module holds that plumbing only; the trainers that use it live with their kind of training.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-import numpy as np
+from pyft._checks import ArgumentTypeError
 
 __all__ = ["init_from_env", "rank_and_world", "process_group", "Ranks", "on_rank0",
            "check_same_on_all_ranks", "all_reduce_gradients",
-           "sync_buffers", "broadcast_state", "train_head_data_parallel"]
+           "sync_buffers", "broadcast_state"]
 
 
 def init_from_env(backend: Optional[str] = None) -> bool:
@@ -108,8 +109,8 @@ def process_group(distributed: Any) -> Ranks:
                              "distributed= (new_group() returned NON_GROUP_MEMBER here); call "
                              "pyft only on the group's ranks")
         if dist is None or not isinstance(distributed, dist.ProcessGroup):
-            raise TypeError("distributed must be None, True, False or a torch.distributed "
-                            f"ProcessGroup; got {distributed!r}")
+            raise ArgumentTypeError("distributed must be None, True, False or a "
+                                    f"torch.distributed ProcessGroup; got {distributed!r}")
         return Ranks(dist.get_rank(distributed), dist.get_world_size(distributed), distributed)
     ready = dist is not None and dist.is_available() and dist.is_initialized()
     if not ready and int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
@@ -207,113 +208,11 @@ def broadcast_state(module: Any, ranks: Ranks) -> None:
         dist.broadcast(t.data, src=ranks.src0, group=ranks.group)
 
 
-def train_head_data_parallel(features: Any, labels: Any, num_classes: int, *,
-                             head: str = "linear", hidden_size: int = 0,
-                             activation: str = "relu", optimizer: str = "sgd", lr: float = 0.1,
-                             momentum: float = 0.9, nesterov: bool = False,
-                             weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
-                             eps: float = 1e-8, schedule: str = "constant", warmup_steps: int = 0,
-                             min_lr_ratio: float = 0.0, epochs: int = 10, batch_size: int = 256,
-                             seed: int = 0, params: Optional[np.ndarray] = None,
-                             n_threads: int = 0, distributed: Any = None
-                             ) -> Tuple[np.ndarray, List[Dict[str, float]]]:
-    """Train one head (linear or MLP), data-parallel over the process group's ranks.
+def __getattr__(name: str) -> Any:
+    # train_head_data_parallel moved to pyft.training; the README's old path keeps working.
+    # Resolved on use: pyft.training imports this module.
+    if name == "train_head_data_parallel":
+        from pyft.training import train_head_data_parallel
 
-    Every rank holds the same ``features`` (e.g. the cache entry's float16 memmap) and walks the
-    same global batches (``pyft._core.epoch_permutation``). Rank ``r`` gathers rows ``r::world`` of
-    each batch with the native gatherer and computes their summed loss gradient with the native
-    kernel (``pyft._core.objective``); an all-reduce adds the ranks' gradients and every rank
-    applies the same optimizer step. The update is the native trainer's
-    (:func:`pyft._core.train_head`: SGD with momentum / Nesterov or AdamW, weight decay on the
-    weights only, ``constant`` / ``cosine`` / ``step`` schedule with warm-up, mean loss over the
-    global batch), so the result equals one process -- and ``train_head`` -- with the same global
-    batch up to float summation order. Without a group it is the one-process run.
-    ``distributed`` chooses the ranks as in :func:`process_group` (default: the initialised
-    group, or one from torchrun's environment; a ``ProcessGroup`` for a subset of the ranks).
-
-    Returns
-    -------
-    params : ndarray, float32
-        The flat head, laid out as :func:`pyft.init_head_params` lays it out.
-    history : list of dict
-        Per-epoch mean training loss and learning rate.
-    """
-    import torch
-
-    from pyft import _core
-    from pyft._arrays import as_feature_array
-    from pyft._checks import check_choice, check_number
-    from pyft.heads import init_head_params
-
-    check_choice("head", head, ("linear", "mlp"))
-    check_choice("optimizer", optimizer, ("sgd", "adamw"))
-    check_choice("schedule", schedule, ("constant", "cosine", "step"))
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        check_number(name, v, low=1, integer=True)
-    check_number("lr", lr, low=0, low_open=True)
-    check_number("weight_decay", weight_decay, low=0)
-    check_number("momentum", momentum, low=0, high=1)
-    if head == "mlp":
-        check_number("hidden_size", hidden_size, low=1, integer=True)
-    X, bf16 = as_feature_array(features)
-    y = np.asarray(labels)
-    n, d = X.shape
-    if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"labels must be 1-D with {n} entries to match features; got shape "
-                         f"{y.shape}")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integers in [0, {num_classes}); got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if n and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}); got values in "
-                         f"[{y.min()}, {y.max()}]")
-    ranks = process_group(distributed)
-    rank, world = ranks.rank, ranks.world
-    C, H = int(num_classes), int(hidden_size)
-    p = init_head_params(head, d, C, H, seed=seed) if params is None else \
-        np.array(params, dtype=np.float32).ravel()
-    n_params = C * d + C if head == "linear" else H * d + H + C * H + C
-    if p.size != n_params:
-        raise ValueError(f"params must hold {n_params} values for a {head} head on {d} features "
-                         f"and {C} classes; got {p.size}")
-    m_buf = np.zeros_like(p)
-    v_buf = np.zeros_like(p) if optimizer == "adamw" else None
-    opts = dict(head=head, num_classes=C, hidden_size=H, activation=activation,
-                n_threads=n_threads)
-    step_opts = dict(head=head, in_features=d, num_classes=C, hidden_size=H, optimizer=optimizer,
-                     weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                     beta1=beta1, beta2=beta2, eps=eps)
-    steps_per_epoch = -(-n // batch_size)
-    total = steps_per_epoch * epochs
-    buf = np.empty((min(batch_size, n), d), np.float32)
-    grad = torch.zeros(n_params + 1, dtype=torch.float32)  # | this rank's loss sum
-    history = []
-    step = 0
-    for epoch in range(epochs):
-        order = np.asarray(_core.epoch_permutation(n, seed, epoch))
-        total_loss = 0.0
-        for start in range(0, n, batch_size):
-            batch = order[start:start + batch_size]
-            mine = np.sort(batch[rank::world])
-            grad.zero_()
-            if len(mine):
-                xb = _core.gather_rows(X, mine, out=buf[:len(mine)], n_threads=n_threads,
-                                       bfloat16=bf16)
-                f, g = _core.objective(p, xb, y[mine], **opts)
-                grad[:n_params] = torch.from_numpy(g)
-                grad[:n_params] *= len(mine)  # the gradient of the summed loss of these rows
-                grad[n_params] = f * len(mine)
-            if world > 1:  # one float32 all-reduce of C x d (+ C) values per step
-                import torch.distributed as dist
-
-                dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ranks.group)
-            g_mean = (grad[:n_params] / len(batch)).numpy()
-            loss_sum = float(grad[n_params])
-            lr_t = lr * _core.lr_factor(schedule, step, total, steps_per_epoch,
-                                        warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
-            step += 1
-            _core.optimizer_step(p, g_mean, m_buf, v_buf, step=step, lr=lr_t, **step_opts)
-            total_loss += loss_sum
-        history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "lr": lr_t})
-    return p, history
-
+        return train_head_data_parallel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,15 +16,22 @@ way). pyft sweeps the half-decade grid {0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0}
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from pyft import _core
-from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs
-from pyft._checks import labels_1d
-from pyft.heads import holdout_rows, init_head_params
+from pyft._arrays import as_feature_array
+from pyft._checks import ArgumentTypeError, check_choice, check_number, labels_1d
+from pyft.distributed import Ranks, process_group
+from pyft.training import (
+    TrainOptions,
+    holdout_rows,
+    init_head_params,
+    native_train_head,
+    native_train_heads,
+)
 
 __all__ = ["fit_grid", "default_lrs", "GridResult", "BASE_LRS"]
 
@@ -110,19 +117,28 @@ def _grid(lrs, weight_decays, batch_size):
     return lr_grid.ravel().copy(), wd_grid.ravel().copy()
 
 
+def _check_split(folds, val_fraction) -> None:
+    if folds is None:
+        check_number("val_fraction", val_fraction)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
+        return
+    message = f"folds must be None (a validation split) or an integer >= 2; got {folds!r}"
+    if isinstance(folds, bool) or not isinstance(folds, numbers.Integral):
+        raise ArgumentTypeError(message)
+    if folds < 2:
+        raise ValueError(message)
+
+
 def _splits(y: np.ndarray, folds, val_fraction: float, seed: int):
     """[(train_rows, val_rows)] and the per-sample fold index."""
+    _check_split(folds, val_fraction)
     n = len(y)
     fold = np.full(n, -1, dtype=np.int64)
     if folds is None:
-        if not (isinstance(val_fraction, numbers.Real) and 0.0 < val_fraction < 1.0):
-            raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
         tr, va = holdout_rows(y, float(val_fraction), seed)
         fold[va] = 0
         return [(tr, va)], fold
-    if isinstance(folds, bool) or not isinstance(folds, numbers.Integral) or folds < 2:
-        raise ValueError(f"folds must be None (a validation split) or an integer >= 2; got "
-                         f"{folds!r}")
     from sklearn.model_selection import StratifiedKFold
 
     min_count = np.bincount(y).min()
@@ -135,6 +151,14 @@ def _splits(y: np.ndarray, folds, val_fraction: float, seed: int):
         fold[va] = k
         out.append((tr.astype(np.int64), va.astype(np.int64)))
     return out, fold
+
+
+def _encode_labels(labels, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(classes, class indices in sorted order of the classes)."""
+    classes, y = np.unique(labels_1d(labels, n, "labels"), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"labels must contain at least 2 classes; got {len(classes)}")
+    return classes, y.astype(np.int64)
 
 
 def fit_grid(
@@ -193,54 +217,68 @@ def fit_grid(
     -------
     GridResult
     """
-    if select not in ("accuracy", "loss"):
-        raise ValueError(f"select must be 'accuracy' or 'loss'; got {select!r}")
+    check_choice("select", select, ("accuracy", "loss"))
     X, bf16 = as_feature_array(features, "features", allow_cuda=True)
     if X.ndim != 2:
         raise ValueError(f"features must be a 2-D array (n_samples, n_features); got {X.ndim}-D")
-    y_raw = labels_1d(labels, X.shape[0], "labels")
-    classes, y = np.unique(y_raw, return_inverse=True)
-    y = y.astype(np.int64)
-    if len(classes) < 2:
-        raise ValueError(f"labels must contain at least 2 classes; got {len(classes)}")
-    C, D = len(classes), X.shape[1]
+    classes, y = _encode_labels(labels, X.shape[0])
     lr_grid, wd_grid = _grid(lrs, weight_decays, batch_size)
     splits, fold = _splits(y, folds, val_fraction, int(seed))
-    common = dict(num_classes=C, bfloat16=bf16, optimizer=optimizer, momentum=momentum,
-                  nesterov=nesterov, schedule=schedule, warmup_steps=warmup_steps, epochs=epochs,
-                  batch_size=batch_size, seed=int(seed), n_threads=n_threads,
-                  **cuda_kwargs(X))
-    init = init_head_params("linear", D, C, seed=int(seed))
-    from pyft.distributed import process_group
+    options = TrainOptions(optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+                           schedule=schedule, warmup_steps=warmup_steps, epochs=epochs,
+                           batch_size=batch_size, seed=int(seed), n_threads=n_threads)
+    problem = dict(num_classes=len(classes), bfloat16=bf16)
+    init = init_head_params("linear", X.shape[1], len(classes), seed=int(seed))
+    acc, loss = _validate_grid(X, y, splits, lr_grid, wd_grid, init, options, problem,
+                               process_group(distributed))
+    table = _table(lr_grid, wd_grid, acc, loss)
+    best = _select(table, select)
+    params = init.copy()
+    refit = native_train_head(params, X, y, replace(options, lr=float(lr_grid[best]),
+                                                   weight_decay=float(wd_grid[best])), **problem)
+    return GridResult(params_=params, classes_=classes, best_index_=best,
+                      best_lr_=float(lr_grid[best]), best_weight_decay_=float(wd_grid[best]),
+                      table_=table, fold_=fold, n_folds_=len(splits), seed_=int(seed),
+                      refit_history_=refit["history"])
 
-    ranks = process_group(distributed)
-    rank, world = ranks.rank, ranks.world
-    mine = np.arange(rank, lr_grid.size, world)
+
+def _validate_grid(X, y, splits, lr_grid, wd_grid, init, options: TrainOptions,
+                   problem: Dict[str, Any], ranks: Ranks) -> Tuple[np.ndarray, np.ndarray]:
+    """Last-epoch validation accuracy and loss, (n_folds, n_points), of every grid point: this
+    rank trains points ``rank::world`` (one native call per fold), the ranks swap results."""
+    mine = np.arange(ranks.rank, lr_grid.size, ranks.world)
     acc = np.empty((len(splits), lr_grid.size))
     loss = np.empty((len(splits), lr_grid.size))
     for k, (tr, va) in enumerate(splits):
         if mine.size == 0:
             continue
         params = np.tile(init, (mine.size, 1))  # a fresh head per grid point and fold
-        with cuda_device(X):  # torch exports a tensor from its own device only
-            res = _core.train_heads(params, X, y, lrs=lr_grid[mine],
-                                    weight_decays=wd_grid[mine], train_rows=tr, val_rows=va,
-                                    **common)
+        res = native_train_heads(params, X, y, options, lrs=lr_grid[mine],
+                                 weight_decays=wd_grid[mine], train_rows=tr, val_rows=va,
+                                 **problem)
         last = res["history"][-1]
         acc[k, mine], loss[k, mine] = last["val_accuracy"], last["val_loss"]
-    if world > 1:
+    if ranks.world > 1:
         import torch.distributed as dist
 
-        parts: List[Any] = [None] * world
+        parts: List[Any] = [None] * ranks.world
         dist.all_gather_object(parts, (mine, acc[:, mine], loss[:, mine]), group=ranks.group)
         for idx, a, lo in parts:
             acc[:, idx], loss[:, idx] = a, lo
-    table = {
+    return acc, loss
+
+
+def _table(lr_grid, wd_grid, acc: np.ndarray, loss: np.ndarray) -> Dict[str, np.ndarray]:
+    return {
         "lr": lr_grid, "weight_decay": wd_grid,
         "val_accuracy_mean": acc.mean(axis=0), "val_accuracy_std": acc.std(axis=0),
         "val_loss_mean": loss.mean(axis=0), "val_loss_std": loss.std(axis=0),
         "val_accuracy": acc, "val_loss": loss,
     }
+
+
+def _select(table: Dict[str, np.ndarray], select: str) -> int:
+    """Index of the best grid point by ``select``; diverged points never win."""
     valid = np.isfinite(table["val_loss_mean"])
     if not valid.any():
         raise ValueError("every grid point diverged (non-finite validation loss); use smaller lrs")
@@ -250,12 +288,4 @@ def fit_grid(
                             -np.where(valid, table["val_accuracy_mean"], -np.inf)))
     else:
         order = np.argsort(np.where(valid, table["val_loss_mean"], np.inf), kind="stable")
-    best = int(order[0])
-    params = init.copy()
-    with cuda_device(X):
-        refit = _core.train_head(params, X, y, lr=float(lr_grid[best]),
-                                 weight_decay=float(wd_grid[best]), **common)
-    return GridResult(params_=params, classes_=classes, best_index_=best,
-                      best_lr_=float(lr_grid[best]), best_weight_decay_=float(wd_grid[best]),
-                      table_=table, fold_=fold, n_folds_=len(splits), seed_=int(seed),
-                      refit_history_=refit["history"])
+    return int(order[0])

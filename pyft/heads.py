@@ -19,8 +19,15 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pyft import _core
-from pyft._arrays import as_feature_array, cuda_device, cuda_kwargs, is_cuda_tensor
-from pyft._checks import check_choice, check_number, labels_1d, stratified_holdout
+from pyft._arrays import as_feature_array, is_cuda_tensor
+from pyft._checks import ArgumentTypeError, check_choice, check_number, labels_1d
+from pyft.training import (
+    TrainOptions,
+    head_param_count,
+    holdout_rows,
+    init_head_params,
+    native_train_head,
+)
 
 __all__ = ["HeadClassifier", "init_head_params", "head_param_count"]
 
@@ -28,36 +35,6 @@ _SOLVERS = ("auto", "lbfgs", "sgd", "adamw")
 _HEADS = ("linear", "mlp")
 _ACTIVATIONS = ("relu", "gelu")
 _SCHEDULES = ("constant", "cosine", "step")
-
-
-def head_param_count(head: str, in_features: int, num_classes: int, hidden_size: int = 0) -> int:
-    """Length of the flat parameter vector of a head (see :func:`init_head_params`)."""
-    if head == "linear":
-        return num_classes * in_features + num_classes
-    return hidden_size * in_features + hidden_size + num_classes * hidden_size + num_classes
-
-
-def init_head_params(
-    head: str, in_features: int, num_classes: int, hidden_size: int = 0, seed: int = 0
-) -> np.ndarray:
-    """PyTorch ``nn.Linear`` default initialisation, as one flat float32 vector.
-
-    Layout: ``linear``: W (C*D) | b (C); ``mlp``: W1 (H*D) | b1 (H) | W2 (C*H) | b2 (C), row-major,
-    so ``W = params[:C*D].reshape(C, D)`` is ``nn.Linear(D, C).weight``. Every weight and bias is
-    drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    """
-    rng = np.random.default_rng(seed)
-    parts = []
-    layers = (
-        [(in_features, num_classes)]
-        if head == "linear"
-        else [(in_features, hidden_size), (hidden_size, num_classes)]
-    )
-    for fan_in, fan_out in layers:
-        bound = 1.0 / np.sqrt(fan_in)
-        parts.append(rng.uniform(-bound, bound, size=fan_out * fan_in))
-        parts.append(rng.uniform(-bound, bound, size=fan_out))
-    return np.concatenate(parts).astype(np.float32)
 
 
 class HeadClassifier(ClassifierMixin, BaseEstimator):
@@ -229,9 +206,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                              f"for head={self.head!r}")
         if self.head == "mlp":
             check_number("hidden_size", self.hidden_size, low=1, integer=True)
-        check_number("dropout", self.dropout, low=0.0)
-        if self.dropout >= 1.0:
-            raise ValueError(f"dropout must be < 1; got {self.dropout!r}")
+        _check_fraction("dropout", self.dropout)
         check_number("C", self.C, low=0.0, low_open=True)
         if self.lr is not None:
             check_number("lr", self.lr, low=0.0, low_open=True)
@@ -240,21 +215,16 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         check_number("epochs", self.epochs, low=1, integer=True)
         check_number("batch_size", self.batch_size, low=1, integer=True)
         check_number("warmup_epochs", self.warmup_epochs, low=0.0)
-        check_number("label_smoothing", self.label_smoothing, low=0.0)
-        if self.label_smoothing >= 1.0:
-            raise ValueError(f"label_smoothing must be < 1; got {self.label_smoothing!r}")
-        check_number("validation_fraction", self.validation_fraction, low=0.0, low_open=True)
-        if self.validation_fraction >= 1.0:
-            raise ValueError(
-                f"validation_fraction must be < 1; got {self.validation_fraction!r}"
-            )
+        _check_fraction("label_smoothing", self.label_smoothing)
+        _check_fraction("validation_fraction", self.validation_fraction, low_open=True)
         check_number("patience", self.patience, low=1, integer=True)
         check_number("max_iter", self.max_iter, low=1, integer=True)
         check_number("tol", self.tol, low=0.0)
         if self.n_threads is not None:
             check_number("n_threads", self.n_threads, low=1, integer=True)
         if self.callback is not None and not callable(self.callback):
-            raise TypeError(f"callback must be callable; got {type(self.callback).__name__}")
+            raise ArgumentTypeError(
+                f"callback must be callable; got {type(self.callback).__name__}")
         return solver
 
     def _features(self, X, *, reset: bool, allow_cuda: bool = False):
@@ -295,12 +265,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(cw, str) and cw != "balanced":
             raise ValueError(f"class_weight must be a dict, 'balanced' or None; got {cw!r}")
         if not isinstance(cw, (str, dict)):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"class_weight must be a dict, 'balanced' or None; got {type(cw).__name__}"
             )
-        w = np.asarray(
-            compute_class_weight(cw, classes=self.classes_, y=self.classes_[y_enc]), dtype=np.float64
-        )
+        w = np.asarray(compute_class_weight(cw, classes=self.classes_, y=self.classes_[y_enc]),
+                       dtype=np.float64)
         for c, wc in enumerate(w):
             if not np.isfinite(wc) or wc < 0:
                 raise ValueError(
@@ -434,9 +403,29 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _fit_minibatch(self, solver, params, X, bf16, y, num_classes, class_weights, n_threads,
                        hidden, seed, X_val, y_val):
-        n = X.shape[0]
-        train_rows = None
-        val_X = val_y = None
+        train_rows, val_X, val_y = self._validation_data(X, bf16, y, seed, X_val, y_val)
+        n = X.shape[0] if train_rows is None else len(train_rows)
+        options = self._train_options(solver, n, seed, n_threads,
+                                      early_stop=self.early_stopping and val_X is not None)
+        on_epoch, history, close = self._monitor(int(self.epochs), "epoch",
+                                                 ("train_loss", "val_loss"))
+        try:
+            res = native_train_head(
+                params, X, y, options, head=self.head, num_classes=num_classes,
+                hidden_size=hidden, activation=self.activation, train_rows=train_rows,
+                val_features=val_X, val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
+                label_smoothing=float(self.label_smoothing), callback=on_epoch,
+            )
+        finally:
+            close()
+        self.n_iter_ = int(res["epochs_run"])
+        self.history_ = history
+        self.best_epoch_ = int(res["best_epoch"])
+        self.stopped_early_ = bool(res["stopped_early"])
+
+    def _validation_data(self, X, bf16, y, seed, X_val, y_val):
+        """(train_rows, val_X, val_y): the caller's validation split, the early-stopping hold-out
+        (train_rows: the other rows of X), or no validation (all None)."""
         if X_val is not None or y_val is not None:
             if X_val is None or y_val is None:
                 raise ValueError("X_val and y_val must be given together")
@@ -444,47 +433,34 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             if val_bf16 != bf16:
                 raise ValueError("X_val must have the same dtype family as X (bfloat16 or not)")
             val_y = self._encode(labels_1d(y_val, val_X.shape[0], name="y_val"), name="y_val")
-        elif self.early_stopping:
-            train_rows, val_rows = holdout_rows(y, float(self.validation_fraction), seed)
-            if is_cuda_tensor(X):  # the held-out rows only, on the device
-                import torch
+            return None, val_X, val_y
+        if not self.early_stopping:
+            return None, None, None
+        train_rows, val_rows = holdout_rows(y, float(self.validation_fraction), seed)
+        if is_cuda_tensor(X):  # the held-out rows only, on the device
+            import torch
 
-                val_X = X[torch.as_tensor(val_rows, device=X.device)].contiguous()
-            else:
-                val_X = np.ascontiguousarray(X[val_rows])
-            val_y = y[val_rows]
-            n = len(train_rows)
+            val_X = X[torch.as_tensor(val_rows, device=X.device)].contiguous()
+        else:
+            val_X = np.ascontiguousarray(X[val_rows])
+        return train_rows, val_X, y[val_rows]
+
+    def _train_options(self, solver, n, seed, n_threads, early_stop) -> TrainOptions:
+        """The native run's settings for ``n`` training rows (warm-up epochs become steps)."""
         batch = min(int(self.batch_size), n)
         steps_per_epoch = -(-n // batch)
         lr = self.lr if self.lr is not None else (0.1 if solver == "sgd" else 1e-3)
-        on_epoch, history, close = self._monitor(int(self.epochs), "epoch",
-                                                 ("train_loss", "val_loss"))
-        try:
-            with cuda_device(X):  # torch exports a tensor from its own device only
-                res = _core.train_head(
-                    params, X, y, head=self.head, num_classes=num_classes, hidden_size=hidden,
-                    activation=self.activation, train_rows=train_rows, val_features=val_X,
-                    val_labels=val_y, bfloat16=bf16, class_weights=class_weights,
-                    label_smoothing=float(self.label_smoothing), optimizer=solver, lr=float(lr),
-                    weight_decay=float(self.weight_decay),
-                    momentum=float(self.momentum) if solver == "sgd" else 0.0,
-                    nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
-                    beta2=float(self.beta2),
-                    eps=float(self.eps), schedule=self.schedule,
-                    warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
-                    min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
-                    gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch,
-                    seed=seed, dropout=float(self.dropout),
-                    patience=int(self.patience) if (self.early_stopping and val_X is not None) else 0,
-                    min_delta=float(self.min_delta), n_threads=n_threads, callback=on_epoch,
-                    **cuda_kwargs(X),
-                )
-        finally:
-            close()
-        self.n_iter_ = int(res["epochs_run"])
-        self.history_ = history
-        self.best_epoch_ = int(res["best_epoch"])
-        self.stopped_early_ = bool(res["stopped_early"])
+        return TrainOptions(
+            optimizer=solver, lr=float(lr), weight_decay=float(self.weight_decay),
+            momentum=float(self.momentum) if solver == "sgd" else 0.0,
+            nesterov=bool(self.nesterov) and solver == "sgd", beta1=float(self.beta1),
+            beta2=float(self.beta2), eps=float(self.eps), schedule=self.schedule,
+            warmup_steps=int(round(float(self.warmup_epochs) * steps_per_epoch)),
+            min_lr_ratio=float(self.min_lr_ratio), step_size=int(self.step_size),
+            gamma=float(self.gamma), epochs=int(self.epochs), batch_size=batch, seed=seed,
+            dropout=float(self.dropout), patience=int(self.patience) if early_stop else 0,
+            min_delta=float(self.min_delta), n_threads=n_threads,
+        )
 
     def _encode(self, y, name="y"):
         index = {c: i for i, c in enumerate(self.classes_.tolist())}
@@ -536,6 +512,13 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
 
+def _check_fraction(name: str, value: Any, *, low_open: bool = False) -> None:
+    """A share in [0, 1) (``(0, 1)`` with ``low_open``): all of it would leave nothing."""
+    check_number(name, value, low=0.0, low_open=low_open)
+    if value >= 1.0:
+        raise ValueError(f"{name} must be < 1; got {value!r}")
+
+
 def _is_special_float(X) -> bool:
     """bfloat16 arrays and torch tensors bypass scikit-learn's validation (it cannot read them)."""
     if type(X).__module__.startswith("torch"):
@@ -561,13 +544,3 @@ def _seed_from(random_state) -> int:
         raise ValueError(f"random_state must be an integer, a numpy RandomState/Generator or "
                          f"None; got {random_state!r}") from exc
     return int(rng.randint(0, 2**31 - 1))
-
-
-def holdout_rows(y: np.ndarray, fraction: float, seed: int):
-    """Stratified (train, validation) rows holding out ``fraction`` of ``y`` (at least one row)."""
-    n_val = max(1, int(round(fraction * len(y))))
-    if n_val >= len(y):
-        raise ValueError(
-            f"validation_fraction={fraction} leaves no training data for {len(y)} samples"
-        )
-    return stratified_holdout(y, n_val, seed)

@@ -211,7 +211,8 @@ _DP_WORKER = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     import torch.distributed
-    from pyft.distributed import init_from_env, train_head_data_parallel
+    from pyft.distributed import init_from_env
+    from pyft.training import train_head_data_parallel
 
     configs, out_dir = json.loads(sys.argv[1]), sys.argv[2]
     init_from_env()
@@ -270,7 +271,7 @@ def test_data_parallel_head_matches_one_process_and_the_native_trainer(tmp_path)
 
 
 def test_data_parallel_head_rejects_bad_input():
-    from pyft.distributed import train_head_data_parallel
+    from pyft.training import train_head_data_parallel
 
     X = np.zeros((10, 3), np.float32)
     y = np.arange(10) % 2
@@ -286,6 +287,19 @@ def test_data_parallel_head_rejects_bad_input():
         train_head_data_parallel(X, y, 2, head="mlp")
     with pytest.raises(ValueError, match="features must be a 2-D"):
         train_head_data_parallel(X.ravel(), y, 2)
+    with pytest.raises(ValueError, match="at least 1 row"):
+        train_head_data_parallel(X[:0], y[:0], 2)
+
+
+def test_data_parallel_head_keeps_its_old_import_path():
+    import pyft.distributed
+    from pyft.distributed import train_head_data_parallel as old
+    from pyft.training import train_head_data_parallel
+
+    assert old is train_head_data_parallel
+    assert "train_head_data_parallel" not in pyft.distributed.__all__  # plumbing only
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pyft.distributed.nope
 
 
 _RANK0_WORKER = textwrap.dedent("""
@@ -390,10 +404,11 @@ _SUBGROUP_WORKER = textwrap.dedent("""
     from torch import nn
     import pyft
     from pyft.cache import extract_features
-    from pyft.distributed import init_from_env, train_head_data_parallel
+    from pyft.distributed import init_from_env
     from pyft.grid import fit_grid
     from pyft.models import wrap_model
     from pyft.preprocessing import ImagePreprocessing
+    from pyft.training import train_head_data_parallel
 
     out_dir = sys.argv[1]
     init_from_env()
