@@ -166,43 +166,12 @@ class FineTuner:
         """Fit on ``train`` (anything :func:`pyft.data.load_data` reads), validating on ``val``
         (or a stratified split of ``train``). Returns self."""
         from pyft.distributed import on_rank0, process_group
-        from pyft.models import FineTunableModel, load_model
 
         t0 = time.perf_counter()
         self._ranks = process_group(self.distributed)
         data = load_data(train, labels)
-        counts = np.bincount(data.labels, minlength=len(data.classes))
-        if len(data.classes) < 2:
-            raise ValueError(f"training data must hold at least 2 classes; got {data.classes}")
-        if val is None:
-            few = [data.classes[i] for i in np.flatnonzero(counts < 2)]
-            if few:
-                raise ValueError(f"class(es) {few[:5]} have fewer than 2 samples: a validation "
-                                 "split needs at least 2 per class (add samples or pass val=)")
-            y = data.labels
-            n_val = max(int(round(self.val_fraction * len(y))), int((np.bincount(y) > 0).sum()))
-            tr, va = stratified_holdout(y, n_val, self.seed)
-            train_d, val_d = data.subset(tr), data.subset(va)
-        else:
-            train_d = data
-            val_d = load_data(val, classes=data.classes)
-        n_classes = len(data.classes)
-        if self.num_classes is not None and self.num_classes != n_classes:
-            raise ValueError(f"num_classes={self.num_classes} but the training labels hold "
-                             f"{n_classes} classes: {data.classes[:10]}")
-        if isinstance(self.model, str):
-            model = load_model(self.model, n_classes, image_size=self.image_size, seed=self.seed)
-        elif isinstance(self.model, FineTunableModel):
-            model = self.model
-            if model.num_classes != n_classes:
-                raise ValueError(f"the model's head has {model.num_classes} outputs but the "
-                                 f"training labels hold {n_classes} classes")
-        else:
-            raise TypeError(f"model must be a spec string or a FineTunableModel; got "
-                            f"{type(self.model).__name__}")
-        if model.kind != data.kind:
-            raise TypeError(f"{model.spec} is a {model.kind} model but the data holds "
-                            f"{data.kind}s")
+        train_d, val_d = self._train_val(data, val)
+        model = self._model_for(data)
         model.to(self.device)
         if self._ranks.world > 1:  # the ranks split one run: they must hold the same one
             from pyft.cache import data_fingerprint
@@ -263,6 +232,47 @@ class FineTuner:
         self._seconds["evaluate"] = time.perf_counter() - t
         self.fit_seconds_ = dict(self._seconds, total=time.perf_counter() - t0)
         return self
+
+    def _train_val(self, data: LabeledData, val: Any) -> Any:
+        """(train, validation): ``val`` as given, or a stratified split of ``data``."""
+        counts = np.bincount(data.labels, minlength=len(data.classes))
+        if len(data.classes) < 2:
+            raise ValueError(f"training data must hold at least 2 classes; got {data.classes}")
+        if val is None:
+            few = [data.classes[i] for i in np.flatnonzero(counts < 2)]
+            if few:
+                raise ValueError(f"class(es) {few[:5]} have fewer than 2 samples: a validation "
+                                 "split needs at least 2 per class (add samples or pass val=)")
+            y = data.labels
+            n_val = max(int(round(self.val_fraction * len(y))), int((np.bincount(y) > 0).sum()))
+            tr, va = stratified_holdout(y, n_val, self.seed)
+            train_d, val_d = data.subset(tr), data.subset(va)
+        else:
+            train_d, val_d = data, load_data(val, classes=data.classes)
+        return train_d, val_d
+
+    def _model_for(self, data: LabeledData) -> Any:
+        """The model to train: loaded from its spec, or the given one checked against the data."""
+        from pyft.models import FineTunableModel, load_model
+
+        n_classes = len(data.classes)
+        if self.num_classes is not None and self.num_classes != n_classes:
+            raise ValueError(f"num_classes={self.num_classes} but the training labels hold "
+                             f"{n_classes} classes: {data.classes[:10]}")
+        if isinstance(self.model, str):
+            model = load_model(self.model, n_classes, image_size=self.image_size, seed=self.seed)
+        elif isinstance(self.model, FineTunableModel):
+            model = self.model
+            if model.num_classes != n_classes:
+                raise ValueError(f"the model's head has {model.num_classes} outputs but the "
+                                 f"training labels hold {n_classes} classes")
+        else:
+            raise TypeError(f"model must be a spec string or a FineTunableModel; got "
+                            f"{type(self.model).__name__}")
+        if model.kind != data.kind:
+            raise TypeError(f"{model.spec} is a {model.kind} model but the data holds "
+                            f"{data.kind}s")
+        return model
 
     def _timed(self, phase: str, fn: Any, *args: Any) -> Any:
         t = time.perf_counter()
