@@ -669,7 +669,7 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
 
         acts: Dict[int, Tuple[torch.Tensor, torch.Tensor, float]] = {}
         if any(kk not in split_notes for kk in ks):
-            from pyft.cache import extract_features
+            from pyft.features import extract_features
 
             with tempfile.TemporaryDirectory(prefix="pyft-advise-") as tmp:
                 for kk in ks:
