@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 import pyft
-from pyft.cache import extract_features
 from pyft.datasets import load_mnist_5k
+from pyft.features import extract_features
 from pyft.split import split_model
 
 

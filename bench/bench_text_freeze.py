@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 import pyft
-from pyft.cache import extract_features
+from pyft.features import extract_features
 from pyft.split import split_model
 
 

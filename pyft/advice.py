@@ -754,7 +754,7 @@ def _prefix_activations(st: _Study) -> Dict[int, Tuple[Any, ...]]:
     acts: Dict[int, Tuple[Any, ...]] = {}
     if all(kk in st.split_notes for kk in st.ks):
         return acts
-    from pyft.cache import extract_features
+    from pyft.features import extract_features
 
     tr_i, va_i = torch.as_tensor(st.tr_pos), torch.as_tensor(st.va_pos)
     with tempfile.TemporaryDirectory(prefix="pyft-advise-") as tmp:

@@ -1,4 +1,6 @@
-"""Frozen-layer feature cache: run the frozen part of a model over a dataset once, store the result.
+"""Frozen-layer feature cache: the stored activations of the frozen part of a model over a dataset.
+
+This module stores, checks and resumes; :func:`pyft.features.extract_features` runs the model.
 
 An entry is a folder ``<root>/<key>/`` holding
 
@@ -37,6 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
+
+from pyft._checks import ArgumentTypeError, check_choice, check_number
+from pyft.distributed import Ranks
 
 __all__ = ["FeatureCache", "CacheEntry", "CacheError", "data_fingerprint", "default_cache_dir"]
 
@@ -167,8 +172,7 @@ class CacheEntry:
 
         from pyft import _core
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        check_number("batch_size", batch_size, low=1, integer=True)
         n = len(self)
         rng = np.random.default_rng([int(seed), int(epoch)])
         order = rng.permutation(n) if shuffle else np.arange(n)
@@ -178,7 +182,8 @@ class CacheEntry:
         row_shape = self.features.shape[1:]
         buf = np.empty((min(batch_size, n),) + tuple(row_shape), np.float32)
         src = self.features
-        labels = None if self.labels is None else torch.from_numpy(np.asarray(self.labels, np.int64))
+        labels = None if self.labels is None else \
+            torch.from_numpy(np.asarray(self.labels, np.int64))
         stop = n - (n % batch_size) if drop_last else n
         for b in range(0, stop, batch_size):
             idx = order[b:b + batch_size]
@@ -244,11 +249,9 @@ class FeatureCache:
     def __init__(self, root: Optional[Union[str, os.PathLike]] = None, *, chunk_size: int = 2048,
                  verify: str = "full") -> None:
         self.root = os.fspath(root) if root is not None else default_cache_dir()
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
-        if verify not in ("full", "size"):
-            raise ValueError(f"verify must be 'full' or 'size'; got {verify!r}")
-        self.chunk_size = chunk_size
+        check_number("chunk_size", chunk_size, low=1, integer=True)
+        check_choice("verify", verify, ("full", "size"))
+        self.chunk_size = int(chunk_size)
         self.verify = verify
 
     # ------------------------------------------------------------------ keys
@@ -291,8 +294,9 @@ class FeatureCache:
             for i, want in enumerate(man["chunk_crc32"]):
                 got = _crc(feats[i * rows:(i + 1) * rows])
                 if got != want:
+                    last = min((i + 1) * rows, shape[0]) - 1
                     raise CacheError(
-                        f"cache entry {d} is damaged: rows {i * rows}-{min((i + 1) * rows, shape[0]) - 1} "
+                        f"cache entry {d} is damaged: rows {i * rows}-{last} "
                         f"fail their checksum; pass rebuild=True to recompute it")
         labels = None
         lpath = os.path.join(d, "labels.npy")
@@ -322,11 +326,12 @@ class FeatureCache:
         return CacheEntry(d, feats, labels, man, reused=True, extras=extras)
 
     # ------------------------------------------------------------------ writing
-    def get_or_compute(self, key_parts: Dict[str, Any], n: int, compute: Any, *, labels: Optional[np.ndarray] = None,
+    def get_or_compute(self, key_parts: Dict[str, Any], n: int, compute: Any, *,
+                       labels: Optional[np.ndarray] = None,
                        dtype: str = "float16", batch_size: int = 64, rebuild: bool = False,
                        progress: bool = True, desc: str = "extracting",
                        meta: Optional[Dict[str, Any]] = None,
-                       dist: Optional[Tuple[int, int, Any]] = None,
+                       ranks: Optional[Ranks] = None,
                        extras: Optional[Callable[[], Dict[str, np.ndarray]]] = None) -> CacheEntry:
         """Return the entry for ``key_parts``, computing it with ``compute(start, stop)`` if needed.
 
@@ -337,20 +342,46 @@ class FeatureCache:
         written (not on reuse), returns per-row side arrays (first dimension ``n``) stored and
         checksummed beside the activations (``entry.extras``).
 
-        ``dist=(rank, world_size, barrier)`` splits the work over processes that share the cache
-        folder (e.g. torch.distributed ranks): chunk ``c`` is computed by rank ``c % world_size``
-        into the same file, rank 0 writes the manifest once every chunk is done, and the entry is
-        byte for byte the one a single process writes. Each rank records its finished chunks in
-        its own progress file, so a rerun (with any number of ranks) resumes after a rank died.
+        ``ranks`` (a :class:`pyft.distributed.Ranks` of the torch.distributed group, e.g. from
+        :func:`pyft.distributed.process_group`) splits the work over processes that share the
+        cache folder: chunk ``c`` is computed by rank ``c % world`` into the same file, rank 0
+        writes the manifest once every chunk is done (the ranks meet at barriers of
+        ``ranks.group``), and the entry is byte for byte the one a single process writes. Each
+        rank records its finished chunks in its own progress file, so a rerun (with any number of
+        ranks) resumes after a rank died.
         """
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        check_choice("dtype", dtype, tuple(_DTYPES))
+        check_number("n", n, integer=True)
+        if n < 1:
             raise ValueError(f"the dataset must hold at least one sample; got {n}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        check_number("batch_size", batch_size, low=1, integer=True)
+        if ranks is None:
+            ranks = Ranks(0, 1)
+        elif not isinstance(ranks, Ranks):
+            raise ArgumentTypeError("ranks must be a pyft.distributed.Ranks (rank, world, group) "
+                                    f"or None; got {ranks!r}")
         parts = dict(key_parts, dtype=dtype, format=FORMAT_VERSION, n=int(n))
         key = self.make_key(parts)
+        d = self._writable_entry_dir(key)
+        job = _Extraction(self, d, key, parts, int(n), compute, dtype, int(batch_size), ranks)
+        if ranks.world > 1:
+            # The ranks meet at barriers instead of the file lock: they compute one entry together.
+            if ranks.rank == 0 and rebuild:
+                self._remove_entry_files(d)
+            _barrier(ranks)
+            entry = self.load(key)
+            if entry is not None:
+                return entry
+            return self._extract(job, labels, progress and ranks.rank == 0, desc, meta, extras)
+        with _file_lock(os.path.join(d, ".lock")):
+            if rebuild:
+                self._remove_entry_files(d)
+            entry = self.load(key)
+            if entry is not None:
+                return entry
+            return self._extract(job, labels, progress, desc, meta, extras)
+
+    def _writable_entry_dir(self, key: str) -> str:
         d = self.entry_dir(key)
         try:
             os.makedirs(d, exist_ok=True)
@@ -360,25 +391,7 @@ class FeatureCache:
         if not os.access(d, os.W_OK):
             raise CacheError(f"the cache folder {d} is not writable; pass another cache directory "
                              "(cache_dir=... or $PYFT_CACHE_DIR)")
-        if dist is not None and int(dist[1]) > 1:
-            rank, world, barrier = int(dist[0]), int(dist[1]), dist[2]
-            if rank == 0 and rebuild:
-                self._remove_entry_files(d)
-            barrier()
-            entry = self.load(key)
-            if entry is not None:
-                return entry
-            return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
-                                 progress and rank == 0, desc, meta, dist=(rank, world, barrier),
-                                 extras=extras)
-        with _file_lock(os.path.join(d, ".lock")):
-            if rebuild:
-                self._remove_entry_files(d)
-            entry = self.load(key)
-            if entry is not None:
-                return entry
-            return self._extract(d, key, parts, int(n), compute, labels, dtype, int(batch_size),
-                                 progress, desc, meta, extras=extras)
+        return d
 
     @staticmethod
     def _remove_entry_files(d: str) -> None:
@@ -424,78 +437,149 @@ class FeatureCache:
                     crcs.update(other.get("crc32", {}))
         return crcs
 
-    def _extract(self, d: str, key: str, parts: Dict[str, Any], n: int, compute: Any,
-                 labels: Optional[np.ndarray], dtype: str, batch_size: int, progress: bool,
-                 desc: str, meta: Optional[Dict[str, Any]] = None,
-                 dist: Optional[Tuple[int, int, Any]] = None,
-                 extras: Optional[Callable[[], Dict[str, np.ndarray]]] = None) -> CacheEntry:
+    def _extract(self, job: "_Extraction", labels: Optional[np.ndarray], progress: bool,
+                 desc: str, meta: Optional[Dict[str, Any]],
+                 extras: Optional[Callable[[], Dict[str, np.ndarray]]]) -> CacheEntry:
+        """Compute the entry ``job`` describes (resuming an interrupted run) and write it."""
+        record_path, record = job.own_record(job.setup())
+        seconds = job.compute_chunks(record_path, record, progress, desc)
+        crcs = record["crc32"]
+        if job.ranks.world > 1:
+            _barrier(job.ranks)  # every rank has finished its chunks
+            if job.ranks.rank != 0:
+                return job.wait_for_rank0()
+            crcs = job.all_chunk_crcs()
+        return job.finish(crcs, labels, meta, extras, seconds)
+
+
+def _barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier(group=ranks.group)
+
+
+class _Extraction:
+    """One computation of an entry in folder ``d``: ``features.partial`` is filled chunk by chunk,
+    each finished chunk's CRC-32 recorded in a progress file, and the manifest is written last.
+    Chunk ``c`` is computed by rank ``c % ranks.world``."""
+
+    def __init__(self, cache: FeatureCache, d: str, key: str, parts: Dict[str, Any], n: int,
+                 compute: Any, dtype: str, batch_size: int, ranks: Ranks) -> None:
+        self.cache, self.d, self.key, self.parts, self.n = cache, d, key, parts, n
+        self.compute, self.dtype, self.batch_size, self.ranks = compute, dtype, batch_size, ranks
+        self.np_dtype = np.dtype(_DTYPES[dtype])
+        # A multiple of the batch size, so batches never straddle chunks and a resumed run
+        # computes exactly the batches of an uninterrupted one.
+        self.rows = max(batch_size, (cache.chunk_size // batch_size) * batch_size)
+        self.n_chunks = (n + self.rows - 1) // self.rows
+        self.setup_path = os.path.join(d, "progress.json")
+        self.fpath = os.path.join(d, "features.partial")
+        self.row_shape: Tuple[int, ...] = ()
+        self.first: Optional[np.ndarray] = None  # the first batch, computed to learn the shape
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return (self.n,) + self.row_shape
+
+    def mine(self) -> List[int]:
+        """This rank's chunks."""
+        return [ci for ci in range(self.n_chunks) if ci % self.ranks.world == self.ranks.rank]
+
+    def _nbytes(self, row_shape: Tuple[int, ...]) -> int:
+        return int(np.prod((self.n,) + row_shape)) * self.np_dtype.itemsize
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> Dict[str, Any]:
+        """progress.json's state, which every rank starts from: rank 0 resumes an interrupted run
+        of this entry or starts a new ``features.partial``; the other ranks read what it wrote."""
+        if self.ranks.rank == 0:
+            state = self._resumable_state()
+            if state is None:
+                state = self._start_afresh()
+        _barrier(self.ranks)  # rank 0 has prepared the file and progress.json
+        if self.ranks.rank != 0:
+            state = self._read_setup()
+        self.row_shape = tuple(int(s) for s in state["row_shape"])
+        return state
+
+    def _resumable_state(self) -> Optional[Dict[str, Any]]:
+        """progress.json of an interrupted run, when it and ``features.partial`` fit this entry."""
+        if not (os.path.exists(self.setup_path) and os.path.exists(self.fpath)):
+            return None
+        try:
+            with open(self.setup_path) as f:
+                state = json.load(f)
+            nbytes = self._nbytes(tuple(int(s) for s in state["row_shape"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if state.get("key") != self.key or state.get("chunk_rows") != self.rows \
+                or os.path.getsize(self.fpath) != nbytes:
+            return None
+        return state
+
+    def _start_afresh(self) -> Dict[str, Any]:
+        self.first = np.asarray(self.compute(0, min(self.batch_size, self.n)))
+        row_shape = tuple(int(s) for s in self.first.shape[1:])
+        self._allocate(self._nbytes(row_shape))
+        state = {"key": self.key, "chunk_rows": self.rows, "row_shape": list(row_shape),
+                 "crc32": {}}
+        _atomic_write_json(self.setup_path, state)
+        return state
+
+    def _allocate(self, nbytes: int) -> None:
+        """A new ``features.partial`` of ``nbytes``, reserved up front so a full disk fails now."""
+        d, fpath = self.d, self.fpath
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fpath)
+        try:
+            with open(fpath, "wb") as f:
+                if nbytes:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, nbytes)
+                    except AttributeError:  # pragma: no cover - not on Linux
+                        f.truncate(nbytes)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(fpath)
+            if e.errno == errno.ENOSPC:
+                free = shutil.disk_usage(d).free
+                raise CacheError(f"not enough disk space for the cache entry in {d}: it needs "
+                                 f"{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free") from e
+            raise CacheError(f"cannot write the cache entry in {d}: {e}") from e
+
+    def _read_setup(self) -> Dict[str, Any]:
+        try:
+            with open(self.setup_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise CacheError(
+                f"rank {self.ranks.rank} cannot see the cache entry rank 0 prepared in {self.d}: "
+                "the cache folder must be on a file system every rank shares (NFS, Lustre, ...); "
+                "pass such a cache_dir on every rank") from None
+
+    def own_record(self, state: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        """This rank's progress file and record, whose ``"crc32"`` holds the CRCs of its chunks
+        recorded as finished (by any earlier run, with any number of ranks)."""
+        crcs = self.cache._recorded_crcs(self.d, self.key, state)
+        if self.ranks.world > 1:  # this rank's own record; progress.json stays rank 0's setup
+            mine = self.mine()
+            path = os.path.join(self.d, f"progress.rank{self.ranks.rank}.json")
+            return path, {"key": self.key, "chunk_rows": self.rows,
+                          "row_shape": list(self.row_shape),
+                          "crc32": {c: v for c, v in crcs.items() if int(c) in mine}}
+        state["crc32"] = crcs
+        return self.setup_path, state
+
+    # ------------------------------------------------------------------ computing
+    def compute_chunks(self, record_path: str, record: Dict[str, Any], progress: bool,
+                       desc: str) -> float:
+        """Compute this rank's unfinished chunks into ``features.partial``, recording each in
+        ``record``; the seconds it took."""
         from tqdm.auto import tqdm
 
-        rank, world, barrier = dist if dist is not None else (0, 1, lambda: None)
-        np_dtype = np.dtype(_DTYPES[dtype])
-        rows = max(batch_size, (self.chunk_size // batch_size) * batch_size)
-        n_chunks = (n + rows - 1) // rows
-        ppath = os.path.join(d, "progress.json")
-        fpath = os.path.join(d, "features.partial")
-        done: List[int] = []
-        state = None
-        first = None  # the first batch, when computed to learn the activation shape
-        if rank == 0 and os.path.exists(ppath) and os.path.exists(fpath):
-            try:
-                with open(ppath) as f:
-                    state = json.load(f)
-                row_shape = tuple(int(s) for s in state["row_shape"])
-                nbytes = int(np.prod((n,) + row_shape)) * np_dtype.itemsize
-            except (OSError, ValueError, KeyError, TypeError):
-                state = None
-            if state is None or state.get("key") != key or state.get("chunk_rows") != rows \
-                    or os.path.getsize(fpath) != nbytes:
-                state = None
-        if rank == 0 and state is None:
-            first = np.asarray(compute(0, min(batch_size, n)))
-            row_shape = tuple(int(s) for s in first.shape[1:])
-            nbytes = int(np.prod((n,) + row_shape)) * np_dtype.itemsize
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(fpath)
-            try:
-                with open(fpath, "wb") as f:
-                    if nbytes:
-                        try:
-                            os.posix_fallocate(f.fileno(), 0, nbytes)
-                        except AttributeError:  # pragma: no cover - not on Linux
-                            f.truncate(nbytes)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.unlink(fpath)
-                if e.errno == errno.ENOSPC:
-                    free = shutil.disk_usage(d).free
-                    raise CacheError(f"not enough disk space for the cache entry in {d}: it needs "
-                                     f"{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free") from e
-                raise CacheError(f"cannot write the cache entry in {d}: {e}") from e
-            state = {"key": key, "chunk_rows": rows, "row_shape": list(row_shape), "crc32": {}}
-            _atomic_write_json(ppath, state)
-        barrier()  # rank 0 has prepared the file and progress.json
-        if rank != 0:
-            try:
-                with open(ppath) as f:
-                    state = json.load(f)
-            except FileNotFoundError:
-                raise CacheError(
-                    f"rank {rank} cannot see the cache entry rank 0 prepared in {d}: the cache "
-                    "folder must be on a file system every rank shares (NFS, Lustre, ...); pass "
-                    "such a cache_dir on every rank") from None
-            row_shape = tuple(int(x) for x in state["row_shape"])
-        shape = (n,) + row_shape
-        crcs: Dict[str, int] = self._recorded_crcs(d, key, state)
-        mine = [ci for ci in range(n_chunks) if ci % world == rank]
-        if world > 1:  # this rank's own record; progress.json stays rank 0's setup
-            ppath = os.path.join(d, f"progress.rank{rank}.json")
-            state = {"key": key, "chunk_rows": rows, "row_shape": list(row_shape),
-                     "crc32": {c: v for c, v in crcs.items() if int(c) in mine}}
-            crcs = state["crc32"]
-        else:
-            state["crc32"] = crcs
-        mm = np.memmap(fpath, dtype=np_dtype, mode="r+", shape=shape)
+        n, rows, crcs = self.n, self.rows, record["crc32"]
+        mm = np.memmap(self.fpath, dtype=self.np_dtype, mode="r+", shape=self.shape)
         # Chunks recorded as done are checked before they are trusted.
         for c in list(crcs):
             i = int(c)
@@ -506,49 +590,66 @@ class FeatureCache:
         bar.update(sum(min(rows, n - i * rows) for i in done))
         t0 = time.perf_counter()
         try:
-            for ci in mine:
+            for ci in self.mine():
                 if ci in done:
                     continue
                 lo, hi = ci * rows, min((ci + 1) * rows, n)
-                for b in range(lo, hi, batch_size):
-                    e = min(b + batch_size, hi)
-                    if b == 0 and first is not None:
-                        out, first = first, None
-                    else:
-                        out = np.asarray(compute(b, e))
-                    if out.shape != (e - b,) + row_shape:
-                        raise ValueError(
-                            f"items {b}..{e - 1} gave activations of shape {out.shape[1:]}; "
-                            f"earlier items gave {row_shape}: every item must have the same shape")
-                    if not np.isfinite(out).all():
-                        bad = int(np.argwhere(~np.isfinite(out.reshape(len(out), -1)))[0][0]) + b
-                        raise ValueError(f"the frozen layers gave NaN or infinite activations "
-                                         f"for item {bad}")
-                    mm[b:e] = _to_storage(out, dtype)
+                for b in range(lo, hi, self.batch_size):
+                    e = min(b + self.batch_size, hi)
+                    mm[b:e] = _to_storage(self._batch(b, e), self.dtype)
                     bar.update(e - b)
                 mm.flush()
                 crcs[str(ci)] = _crc(mm[lo:hi])
-                _atomic_write_json(ppath, state)
+                _atomic_write_json(record_path, record)
         finally:
             bar.close()
             del mm
-        seconds = time.perf_counter() - t0
-        if world > 1:
-            barrier()  # every rank has finished its chunks
-            if rank != 0:
-                barrier()  # rank 0 writes the manifest
-                entry = self.load(key)
-                if entry is None:
-                    raise CacheError(f"rank 0 did not complete the cache entry in {d}")
-                entry.reused = False
-                return entry
-            with open(os.path.join(d, "progress.json")) as f:
-                crcs = self._recorded_crcs(d, key, json.load(f))
-            missing = [i for i in range(n_chunks) if str(i) not in crcs]
-            if missing:
-                barrier()
-                raise CacheError(f"chunks {missing[:5]} of {d} were not computed by rank(s) "
-                                 f"{sorted({i % world for i in missing})}")
+        return time.perf_counter() - t0
+
+    def _batch(self, b: int, e: int) -> np.ndarray:
+        """The activations of rows ``b:e``, checked for their shape and for NaN."""
+        if b == 0 and self.first is not None:
+            out, self.first = self.first, None
+        else:
+            out = np.asarray(self.compute(b, e))
+        if out.shape != (e - b,) + self.row_shape:
+            raise ValueError(
+                f"items {b}..{e - 1} gave activations of shape {out.shape[1:]}; "
+                f"earlier items gave {self.row_shape}: every item must have the same shape")
+        if not np.isfinite(out).all():
+            bad = int(np.argwhere(~np.isfinite(out.reshape(len(out), -1)))[0][0]) + b
+            raise ValueError(f"the frozen layers gave NaN or infinite activations "
+                             f"for item {bad}")
+        return out
+
+    # ------------------------------------------------------------------ finishing
+    def wait_for_rank0(self) -> CacheEntry:
+        """Ranks other than 0, once their chunks are done: the entry rank 0 writes."""
+        _barrier(self.ranks)  # rank 0 writes the manifest
+        entry = self.cache.load(self.key)
+        if entry is None:
+            raise CacheError(f"rank 0 did not complete the cache entry in {self.d}")
+        entry.reused = False
+        return entry
+
+    def all_chunk_crcs(self) -> Dict[str, int]:
+        """Rank 0, once every rank is done: the CRC of every chunk, from every progress file."""
+        with open(self.setup_path) as f:
+            crcs = self.cache._recorded_crcs(self.d, self.key, json.load(f))
+        missing = [i for i in range(self.n_chunks) if str(i) not in crcs]
+        if missing:
+            _barrier(self.ranks)  # lets the other ranks find that there is no entry
+            world = self.ranks.world
+            raise CacheError(f"chunks {missing[:5]} of {self.d} were not computed by rank(s) "
+                             f"{sorted({i % world for i in missing})}")
+        return crcs
+
+    def finish(self, crcs: Dict[str, int], labels: Optional[np.ndarray],
+               meta: Optional[Dict[str, Any]],
+               extras: Optional[Callable[[], Dict[str, np.ndarray]]],
+               seconds: float) -> CacheEntry:
+        """Write labels, side arrays and (last, by rename) the manifest; the complete entry."""
+        d = self.d
         if labels is not None:
             lab = np.asarray(labels)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=d)
@@ -556,22 +657,22 @@ class FeatureCache:
             np.save(tmp, lab)
             os.replace(tmp, os.path.join(d, "labels.npy"))
         man = {
-            "key": key, "format": FORMAT_VERSION, "shape": list(shape), "dtype": dtype,
-            "chunk_rows": rows, "chunk_crc32": [crcs[str(i)] for i in range(n_chunks)],
-            "parts": parts, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "key": self.key, "format": FORMAT_VERSION, "shape": list(self.shape),
+            "dtype": self.dtype, "chunk_rows": self.rows,
+            "chunk_crc32": [crcs[str(i)] for i in range(self.n_chunks)],
+            "parts": self.parts, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "extract_seconds": seconds, "meta": dict(meta or {}),
         }
         if extras is not None:
-            man["extras"] = self._write_extras(d, extras(), n, rows)
-        os.replace(fpath, os.path.join(d, "features.bin"))
+            man["extras"] = self.cache._write_extras(d, extras(), self.n, self.rows)
+        os.replace(self.fpath, os.path.join(d, "features.bin"))
         _atomic_write_json(os.path.join(d, "manifest.json"), man)
         for f in os.listdir(d):
             if f == "progress.json" or (f.startswith("progress.rank") and f.endswith(".json")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(d, f))
-        if world > 1:
-            barrier()
-        entry = self.load(key)
+        _barrier(self.ranks)
+        entry = self.cache.load(self.key)
         if entry is None:  # pragma: no cover - the manifest was just written
             raise CacheError(f"cache entry {d} vanished right after it was written")
         entry.reused = False
@@ -587,223 +688,10 @@ def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(_DTYPES[dtype])
 
 
-# ---------------------------------------------------------------------------- models
-def _frozen_part_hash(model: Any, cut: Optional[int]) -> str:
-    """SHA-256 of the weights the activations at ``cut`` depend on (``None``: the whole body)."""
-    if cut is None:
-        head = model.head_name
-        names = [n for n in model.net.state_dict() if not (n == head or n.startswith(head + "."))]
-        return model.weights_hash(names)
-    in_blocks = [m for b in model.blocks for m in b.modules]
-    prefix = [m for b in model.blocks[:cut] for m in b.modules]
-    head = model.head_name
-    outside = [n for n in model.net.state_dict()
-               if not any(n == m or n.startswith(m + ".") for m in in_blocks)
-               and not (n == head or n.startswith(head + "."))]
-    return model.weights_hash(prefix + outside)
+def __getattr__(name: str) -> Any:
+    # extract_features lived here before pyft.features; the README showed this import.
+    if name == "extract_features":
+        from pyft.features import extract_features
 
-
-def extract_features(model: Any, data: Any, labels: Any = None, *, cut: Union[str, int] = "head",
-                     cache_dir: Optional[Union[str, os.PathLike]] = None, dtype: str = "float16",
-                     batch_size: int = 64, channels_last: bool = False, autocast_bf16: bool = False,
-                     progress: bool = True, rebuild: bool = False,
-                     transform: Any = None, augment_views: Optional[int] = None, seed: int = 0,
-                     distributed: Any = None,
-                     cache: Optional[FeatureCache] = None) -> CacheEntry:
-    """Run the frozen part of ``model`` over ``data`` once and cache the activations.
-
-    Parameters
-    ----------
-    model : FineTunableModel
-    data : array, tensor or list
-        What ``model.preprocess`` accepts, indexable by sample (images or texts).
-    labels : array of shape (n,), optional
-        Stored beside the features.
-    cut : "head", int, str or list
-        ``"head"``: the head's input (the pooled body output; for ``head_only``). An int ``k`` or a
-        block name: the output of the first ``k`` blocks (for ``freeze_first(k)``), unpooled. A
-        list of them: the pooled outputs of those depths, side by side in one row, from one pass
-        (for probing; ``entry.columns`` says which columns hold which block).
-    dtype : {"float16", "bfloat16", "float32"}
-        Storage type.
-    channels_last, autocast_bf16 : bool
-        Numerics options of the forward pass (part of the key).
-    rebuild : bool
-        Recompute even when a complete entry exists (e.g. after a damaged-entry error).
-    transform : callable, optional
-        A random augmentation applied to each preprocessed image tensor (C, H, W), e.g. a
-        torchvision ``transforms.v2`` pipeline. Caching computes an augmented image once and
-        reuses it every epoch, which defeats random augmentation: pass ``augment_views=K`` to
-        cache K augmented views per sample (training then draws one view per sample and epoch),
-        or train end to end. A transform without ``augment_views`` warns.
-    augment_views : int, optional
-        Number of augmented views per sample; rows ``v * n + i`` hold view ``v`` of sample ``i``.
-    seed : int
-        Seeds the augmentation (each batch of each view gets its own seed, so an interrupted
-        extraction resumes bit-identically).
-    distributed : bool or ProcessGroup, optional
-        Split the extraction over the ranks of the initialised ``torch.distributed`` process group,
-        or of the ``ProcessGroup`` given (default: when one is initialised, or initialise it from
-        ``torchrun``'s environment; see :func:`pyft.distributed.process_group`). Every rank
-        passes the same data and cache folder (a shared file system); each computes a disjoint,
-        deterministic set of chunks, rank 0 writes the manifest after a barrier, and the entry is
-        byte for byte the single-process one. A rerun after a rank died reuses the finished
-        chunks.
-
-    Returns
-    -------
-    CacheEntry
-        ``entry.features`` is a read-only memmap; ``entry.reused`` tells whether the backbone ran.
-    """
-    import torch
-
-    from pyft.models import FineTunableModel
-
-    if not isinstance(model, FineTunableModel):
-        raise TypeError(f"model must be a FineTunableModel (pyft.load_model); got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    n = len(data) if not hasattr(data, "shape") else int(data.shape[0])
-    if n == 0:
-        raise ValueError("data must not be empty")
-    lab = None
-    if labels is not None:
-        lab = np.asarray(labels)
-        if lab.ndim != 1 or len(lab) != n:
-            raise ValueError(f"labels must have shape ({n},) to match data; got {lab.shape}")
-    views = 1
-    if augment_views is not None:
-        if isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 1:
-            raise ValueError(f"augment_views must be an int >= 1; got {augment_views!r}")
-        if transform is None:
-            raise ValueError("augment_views needs a transform: the random augmentation to cache")
-        views = augment_views
-    elif transform is not None:
-        import warnings
-
-        warnings.warn(
-            "a random transform with the feature cache: each sample is augmented once and the same "
-            "augmented features are reused every epoch, so the augmentation is lost. Pass "
-            "augment_views=K to cache K views per sample, or train end to end without the cache",
-            UserWarning, stacklevel=2)
-    if transform is not None and not callable(transform):
-        raise TypeError(f"transform must be callable; got {type(transform).__name__}")
-    if transform is not None and model.kind != "image":
-        raise ValueError(f"transform applies to image models; {model.spec} is a {model.kind} model")
-    probe_blocks: Optional[List[int]] = None
-    if isinstance(cut, (list, tuple)):
-        if not cut:
-            raise ValueError("cut must name at least one block")
-        probe_blocks = sorted({model.block_index(c, argument="cut") for c in cut})
-        if probe_blocks[0] == 0:
-            raise ValueError("cut=0 names no block; blocks count from 1")
-        k = probe_blocks[-1]
-        cut_name = "pooled:" + ",".join(model.blocks[i - 1].name for i in probe_blocks)
-    elif cut == "head":
-        k = None
-        cut_name = "head"
-    else:
-        k = model.block_index(cut, argument="cut")
-        if k == 0:
-            raise ValueError("cut=0 leaves nothing frozen to cache; use cut >= 1 or 'head'")
-        cut_name = model.blocks[k - 1].name
-    parts = {
-        "spec": model.spec,
-        "weights": _frozen_part_hash(model, k),
-        "cut": cut_name,
-        "preprocessing": model.preprocessing.key(),
-        "channels_last": bool(channels_last),
-        "autocast_bf16": bool(autocast_bf16),
-        "data": data_fingerprint(data),
-    }
-    if transform is not None:
-        parts["augment"] = {"transform": repr(transform), "views": views, "seed": int(seed)}
-    # Text cut between encoder layers: every row is padded to the longest text of the data (one
-    # activation shape per entry), and the suffix needs each row's attention mask.
-    text_rows = model.kind == "text" and k is not None and probe_blocks is None
-    if text_rows:
-        if not hasattr(model.preprocessing, "lengths"):
-            raise ValueError(f"cut={cut!r} on a text model needs a TextPreprocessing (it pads "
-                             "every text to the longest one); this model's preprocessing is a "
-                             f"{type(model.preprocessing).__name__}")
-        parts["rows"] = "padded to the longest text, attention_mask stored"
-    pad_len: List[int] = []
-
-    def padded(start: int, stop: int) -> Any:
-        if not pad_len:  # computed when the backbone runs, not when an entry is reused
-            pad_len.append(max(model.preprocessing.lengths(list(data))))
-        return model.preprocessing(take(start, stop), pad_to=pad_len[0])
-
-    def masks() -> Dict[str, np.ndarray]:
-        out = [np.asarray(padded(i, min(i + 1024, n))["attention_mask"], np.uint8)
-               for i in range(0, n, 1024)]
-        return {"attention_mask": np.concatenate(out)}
-
-    def take(start: int, stop: int) -> Any:
-        if isinstance(data, (list, tuple)):
-            return list(data[start:stop])
-        return data[start:stop]
-
-    was_training = model.training
-
-    def forward_views(start: int, stop: int) -> np.ndarray:
-        # Rows of view v are v * n .. v * n + n - 1; a batch may straddle two views.
-        parts_out = []
-        row = start
-        while row < stop:
-            v, i = divmod(row, n)
-            j = min(stop - v * n, n)
-            parts_out.append(forward(i, j, view=v if transform is not None else None))
-            row = v * n + j
-        return parts_out[0] if len(parts_out) == 1 else np.concatenate(parts_out)
-
-    def forward(start: int, stop: int, view: Optional[int] = None) -> np.ndarray:
-        x = padded(start, stop) if text_rows else model.preprocess(take(start, stop))
-        if view is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(f"{int(seed)}/{view}/{start}".encode()))
-                x = torch.stack([transform(xi) for xi in x])
-        if channels_last and hasattr(x, "to") and getattr(x, "ndim", 0) == 4:
-            x = x.to(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                    enabled=autocast_bf16):
-            if probe_blocks is not None:
-                outs = model.block_outputs(x, [i - 1 for i in probe_blocks], pool=True)
-                if "columns" not in meta:
-                    cols, start = {}, 0
-                    for i in probe_blocks:
-                        w = int(outs[i - 1].shape[1])
-                        cols[model.blocks[i - 1].name] = [start, start + w]
-                        start += w
-                    meta["columns"] = cols
-                out = torch.cat([outs[i - 1].float() for i in probe_blocks], dim=1)
-            elif k is None:
-                out = model.features(x)
-            else:
-                out = model.block_outputs(x, [k - 1], pool=False)[k - 1]
-        return out.float().contiguous().numpy()
-
-    meta: Dict[str, Any] = {}
-
-    from pyft.distributed import check_same_on_all_ranks, process_group
-
-    dist_spec = None
-    ranks = process_group(distributed)
-    if ranks.world > 1:
-        import torch.distributed as tdist
-
-        dist_spec = (ranks.rank, ranks.world, lambda: tdist.barrier(group=ranks.group))
-        # One entry for all ranks: the key parts (weights, data, cut, options) must agree.
-        check_same_on_all_ranks(parts, "the cache entry", ranks)
-
-    model.eval()
-    try:
-        store = cache or FeatureCache(cache_dir)
-        if views > 1 and lab is not None:
-            lab = np.tile(lab, views)
-        return store.get_or_compute(parts, n * views, forward_views, labels=lab, dtype=dtype,
-                                    batch_size=batch_size, rebuild=rebuild, progress=progress,
-                                    desc=f"{model.spec} -> {cut_name}", meta=meta,
-                                    dist=dist_spec, extras=masks if text_rows else None)
-    finally:
-        model.train(was_training)
+        return extract_features
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -92,7 +92,7 @@ def _cmd_advise(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
 
 def _cmd_extract(args: argparse.Namespace, log: _Printer) -> Dict[str, Any]:
     import pyft
-    from pyft.cache import extract_features
+    from pyft.features import extract_features
 
     d = _data(args.data)
     model = pyft.load_model(args.model, len(d.classes), image_size=args.image_size)
@@ -308,7 +308,7 @@ def _demo_head_grid(model: Any, Xtr: Any, ytr: Any, args: argparse.Namespace,
     import numpy as np
     import torch
 
-    from pyft.cache import extract_features
+    from pyft.features import extract_features
     from pyft.grid import fit_grid
 
     t = time.perf_counter()

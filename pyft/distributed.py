@@ -1,7 +1,7 @@
 """Past one machine, on torch.distributed (torchrun; gloo on CPUs, NCCL on GPUs).
 
 - :func:`init_from_env` joins the process group torchrun describes in the environment.
-- Extraction: :func:`pyft.cache.extract_features` splits the chunks of one cache entry over the
+- Extraction: :func:`pyft.features.extract_features` splits the chunks of one cache entry over the
   ranks when a process group is initialised (byte-identical to one process, resumable).
 - Head grids: :func:`pyft.grid.fit_grid` splits the grid points over the ranks.
 - One large head: :func:`pyft.training.train_head_data_parallel` -- each rank computes the

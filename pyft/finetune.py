@@ -297,7 +297,7 @@ class FineTuner:
         return self._metrics(p, d.labels)
 
     def _cache(self, model: Any, d: LabeledData, cut: Any) -> Any:
-        from pyft.cache import extract_features
+        from pyft.features import extract_features
 
         return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
                                 batch_size=self.batch_size, progress=self.progress,

@@ -170,8 +170,18 @@ def test_bad_arguments(tmp_path):
         c.get_or_compute({}, 10, _compute_from(_source(10, 2)), dtype="int8")
     with pytest.raises(ValueError, match="at least one sample"):
         c.get_or_compute({}, 0, _compute_from(_source(10, 2)))
+    with pytest.raises(TypeError, match="ranks must be a pyft.distributed.Ranks"):
+        c.get_or_compute({}, 10, _compute_from(_source(10, 2)), ranks=(0, 2, lambda: None))
     with pytest.raises(TypeError, match="fingerprint"):
         data_fingerprint(object())
+
+
+def test_extract_features_still_imports_from_pyft_cache():
+    # The README showed `from pyft.cache import extract_features` before it moved.
+    from pyft.cache import extract_features
+    from pyft.features import extract_features as moved
+
+    assert extract_features is moved
 
 
 def test_fingerprint_sensitivity(tmp_path):

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite_pytorch")
 
 import pyft  # noqa: E402
-from pyft.cache import extract_features  # noqa: E402
+from pyft.features import extract_features  # noqa: E402
 
 
 @pytest.fixture(scope="module")

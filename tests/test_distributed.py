@@ -36,13 +36,13 @@ _WORKER = textwrap.dedent("""
                 f.write(f"{rank} {b}\\n")
             time.sleep(delay)
             return src[b:e] * 3.0
-        spec = (rank, world, dist.barrier) if world > 1 else None
+        from pyft.distributed import Ranks
         e = FeatureCache(root, chunk_size=100).get_or_compute(
             {"t": 1}, 1000, compute, batch_size=50, labels=np.arange(1000) % 4, progress=False,
-            dist=spec)
+            ranks=Ranks(rank, world))
     else:
         import pyft
-        from pyft.cache import extract_features
+        from pyft.features import extract_features
         from sklearn.datasets import load_digits
         d = load_digits()
         imgs = (d.images[:300] * (255 / 16)).astype(np.uint8)
@@ -352,7 +352,7 @@ _MISMATCH_WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from torch import nn
-    from pyft.cache import extract_features
+    from pyft.features import extract_features
     from pyft.models import wrap_model
     from pyft.preprocessing import ImagePreprocessing
 
@@ -403,7 +403,7 @@ _SUBGROUP_WORKER = textwrap.dedent("""
     import torch.distributed as dist
     from torch import nn
     import pyft
-    from pyft.cache import extract_features
+    from pyft.features import extract_features
     from pyft.distributed import init_from_env
     from pyft.grid import fit_grid
     from pyft.models import wrap_model

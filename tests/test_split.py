@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import pyft  # noqa: E402
-from pyft.cache import extract_features  # noqa: E402
+from pyft.features import extract_features  # noqa: E402
 from pyft.split import SplitError, check_split, split_model, split_support  # noqa: E402
 
 
