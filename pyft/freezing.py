@@ -12,6 +12,9 @@ Frozen modules run in inference mode: BatchNorm uses (and never updates) its run
 and dropout is off, also after ``model.train()``, so a frozen prefix is a pure function of its
 input -- what makes caching its output exact. ``train_bn=True`` lets BatchNorm layers inside the
 frozen part train (affine parameters and batch statistics) instead.
+
+:func:`freeze` (``model.freeze`` calls it) is the one owner of a model's frozen state: it makes
+the :class:`FrozenState` that the model holds, and nothing else writes it.
 """
 
 from __future__ import annotations
