@@ -282,7 +282,7 @@ def _probe_pass(work: Any, x_sub: Any, batch_size: int, dev: torch.device
                 ) -> Tuple[List[np.ndarray], np.ndarray, float, np.ndarray]:
     """One inference pass: pooled output of every block, the head's input, seconds per sample
     (preprocessing included) and the share of the forward time spent up to each block's tap."""
-    from pyft.models import _pool
+    from pyft.models.model import _pool
 
     nb = len(work.blocks)
     pooled: List[List[np.ndarray]] = [[] for _ in range(nb)]

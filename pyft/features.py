@@ -24,17 +24,7 @@ __all__ = ["extract_features"]
 
 def _frozen_part_hash(model: Any, cut: Optional[int]) -> str:
     """SHA-256 of the weights the activations at ``cut`` depend on (``None``: the whole body)."""
-    if cut is None:
-        head = model.head_name
-        names = [n for n in model.net.state_dict() if not (n == head or n.startswith(head + "."))]
-        return model.weights_hash(names)
-    in_blocks = [m for b in model.blocks for m in b.modules]
-    prefix = [m for b in model.blocks[:cut] for m in b.modules]
-    head = model.head_name
-    outside = [n for n in model.net.state_dict()
-               if not any(n == m or n.startswith(m + ".") for m in in_blocks)
-               and not (n == head or n.startswith(head + "."))]
-    return model.weights_hash(prefix + outside)
+    return model.adapter.frozen_hash(model, cut)
 
 
 @dataclass(frozen=True)

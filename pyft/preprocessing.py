@@ -1,4 +1,5 @@
-"""The input transform a network's pretrained weights expect: image size and normalisation, or a tokenizer.
+"""The input transform a network's pretrained weights expect: image size and normalisation, or a
+tokenizer.
 
 A preprocessing object is part of a fine-tunable model: features computed with one preprocessing are
 never mixed with another (its :meth:`key` goes into the feature-cache key).
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from pyft._checks import check_number
 
 __all__ = ["ImagePreprocessing", "TextPreprocessing", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -122,7 +125,8 @@ def _single_as_batch(im: Any) -> Any:
         im = np.asarray(im.convert("RGB"))
     shape = getattr(im, "shape", None)
     if shape is None:
-        raise TypeError(f"each image must be an array, a tensor or a PIL image; got {_describe(im)}")
+        raise TypeError("each image must be an array, a tensor or a PIL image; "
+                        f"got {_describe(im)}")
     return im[None]
 
 
@@ -142,7 +146,8 @@ def _as_nchw_float(images: Any) -> Any:
             "images must be a NumPy array, a torch tensor or a list of images; "
             f"got {_describe(images)}"
         )
-    if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or x.dtype == torch.uint8):
+    if x.dtype == torch.bool or x.is_complex() or \
+            not (x.is_floating_point() or x.dtype == torch.uint8):
         if x.dtype in (torch.int16, torch.int32, torch.int64, torch.uint16) and x.numel():
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi > 255:
@@ -215,7 +220,8 @@ class TextPreprocessing:
 
     def key(self) -> Dict[str, Any]:
         files = {}
-        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                     "special_tokens_map.json"):
             p = os.path.join(self.tokenizer_path, name)
             if os.path.exists(p):
                 files[name] = os.path.getsize(p)
@@ -256,9 +262,7 @@ class TextPreprocessing:
             enc = self.tokenizer(list(texts), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
         else:
-            if isinstance(pad_to, bool) or not isinstance(pad_to, int) or \
-                    not 1 <= pad_to <= self.max_length:
-                raise ValueError(f"pad_to must be an int in [1, {self.max_length}]; got {pad_to!r}")
+            check_number("pad_to", pad_to, low=1, high=self.max_length, integer=True)
             enc = self.tokenizer(list(texts), padding=False, truncation=True,
                                  max_length=self.max_length)
             longest = max(len(ids) for ids in enc["input_ids"])

@@ -437,13 +437,14 @@ def test_switching_policies_leaves_nothing_behind(lite0, digits):
         assert _group_names_of(groups, lite0) == _trainable_names(lite0)
         lite0.train()
         lite0(x)
-        frozen_modules = [m for name in lite0._frozen_eval for m in lite0.net.get_submodule(name).modules()]
+        frozen_modules = [m for name in lite0.frozen_state.modules
+                          for m in lite0.net.get_submodule(name).modules()]
         in_eval = {id(m) for m in lite0.net.modules() if not m.training}
         expected_eval = {id(m) for m in frozen_modules
                          if not (options.get("train_bn") and isinstance(m, BN))}
         assert in_eval == expected_eval, policy
         if policy in ("full", "scratch"):
-            assert _n_pre_hooks(lite0) == 0 and lite0._frozen_eval == []
+            assert _n_pre_hooks(lite0) == 0 and lite0.frozen_state.modules == []
         else:
             assert _n_pre_hooks(lite0) == len(expected_eval)
     assert lite0.describe()["policy"] == {"name": "full", "lr_ratio": 0.1, "layer_decay": 0.9,

@@ -19,6 +19,38 @@ def _close(out, ref):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * scale)
 
 
+# ---------------------------------------------------------------------------- adapters
+def test_each_family_has_its_adapter_and_split_method():
+    from pyft.models import adapters
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    cases = [
+        (pyft.load_model("efficientnet_lite0", 3, image_size=32),
+         adapters.EfficientNetLiteAdapter, 3, "adapter"),
+        (pyft.load_model("torchvision:resnet18", 3, weights="random", image_size=32),
+         adapters.TorchvisionResNetAdapter, 2, "adapter"),
+        (pyft.load_model("torchvision:mobilenet_v3_small", 3, weights="random", image_size=32),
+         adapters.TorchvisionAdapter, 2, "adapter"),
+        (pyft.load_model("timm:resnet18", 3, weights="random", image_size=32),
+         adapters.TimmAdapter, 2, "torch.fx"),
+        (pyft.wrap_model(seq, 3), adapters.Adapter, 1, "adapter"),
+    ]
+    for model, family, k, method in cases:
+        assert type(model.adapter) is family, model.spec
+        _, suffix = split_model(model, k)
+        assert suffix.split_method == method, model.spec
+        check_split(model, k, suffix)
+        # The frozen part up to k does not depend on the head or on later blocks.
+        before = model.adapter.frozen_hash(model, k)
+        with torch.no_grad():
+            model.head.weight.add_(1.0)
+            next(iter(model.block_parameters(k))).add_(1.0)
+        assert model.adapter.frozen_hash(model, k) == before, model.spec
+        assert model.adapter.frozen_hash(model, k + 1) != before, model.spec
+
+
 # ---------------------------------------------------------------------------- torch.fx
 FX_MODELS = [
     ("timm:resnet18", 32, [1, 2, 5]),
