@@ -216,7 +216,8 @@ def main(argv=None):
     if peak > measured_peak:
         log(f"peak raised from the measured {measured_peak:.1f} to {peak:.1f} GFLOP/s (a rate "
             "achieved in this run)")
-    roof_grid, roof_cv, roof_single = f_grid / (peak * 1e9), f_cv / (peak * 1e9), f_head / (peak * 1e9)
+    roof_grid, roof_cv, roof_single = (
+        f_grid / (peak * 1e9), f_cv / (peak * 1e9), f_head / (peak * 1e9))
     # best possible speed-up over the sequential runs (the smaller of the two measurements of
     # them, so that a contended sequential run does not inflate the bound)
     bound_grid = min(t_seq, H * t_single) / roof_grid

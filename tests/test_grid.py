@@ -54,7 +54,10 @@ def grid_values(H, lr_range, wd_range):
 
 
 def run_both(X, y, C, H, opt_kw, lr_range, wd_range, *, val=None, **kw):
-    """Grid run vs H separate train_head runs; returns (grid result, grid params, [(params, res)])."""
+    """Grid run vs H separate train_head runs.
+
+    Returns (grid result, grid params, [(params, res)]).
+    """
     D = X.shape[1]
     lrs, wds = grid_values(H, lr_range, wd_range)
     P0 = init_grid(H, D, C)

