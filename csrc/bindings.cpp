@@ -17,6 +17,7 @@
 #include "common/convert.h"
 #include "common/device.h"
 #include "common/dlpack.h"
+#include "common/head_checks.h"
 #include "common/head_math.h"
 #include "common/optim.h"
 #include "common/parallel.h"
