@@ -1,22 +1,22 @@
-// Python bindings: the only file that includes pybind11. Converts NumPy arrays into the plain
-// C++ views of csrc/ (no copies of features), releases the GIL for long calls, and routes
-// per-epoch callbacks and Ctrl-C back into Python.
+// Python bindings: builds pyft._core. Converts NumPy arrays and DLPack tensors into the plain
+// C++ views of csrc/ (bindings/py_convert: no copies of features), releases the GIL for long
+// calls, and routes per-epoch callbacks and Ctrl-C back into Python (bindings/py_train, which
+// also holds the training bindings' one keyword table).
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
-#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "bindings/py_convert.h"
+#include "bindings/py_train.h"
 #include "common/blas.h"
 #include "common/check.h"
-#include "common/convert.h"
 #include "common/device.h"
-#include "common/dlpack.h"
 #include "common/head_math.h"
 #include "common/optim.h"
 #include "common/parallel.h"
@@ -31,297 +31,8 @@ namespace py = pybind11;
 using namespace pybind11::literals;
 
 namespace pyft {
+namespace bind {
 namespace {
-
-std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-/// The element type of a feature array. bfloat16 arrives either as an ml_dtypes.bfloat16 array or
-/// as a 16-bit integer array with bfloat16=True (the bit pattern, e.g.
-/// torch_tensor.view(torch.int16).numpy()).
-DType feature_dtype(const py::array& a, const char* name, bool bfloat16) {
-  const std::string dt = dtype_str(a);
-  const char kind = a.dtype().kind();
-  const auto size = a.itemsize();
-  if (bfloat16) {
-    PYFT_CHECK(size == 2 && (kind == 'u' || kind == 'i' || dt == "bfloat16"),
-               "%s with bfloat16=True must hold 16-bit bfloat16 bit patterns (uint16, int16 or "
-               "ml_dtypes.bfloat16); got %s",
-               name, dt.c_str());
-    return DType::BF16;
-  }
-  if (dt == "bfloat16") return DType::BF16;
-  if (kind == 'f' && size == 4) return DType::F32;
-  if (kind == 'f' && size == 2) return DType::F16;
-  if (kind == 'f' && size == 8) return DType::F64;
-  PYFT_CHECK(false, "%s must be float32, float16, bfloat16 or float64; got %s", name, dt.c_str());
-  return DType::F32;
-}
-
-/// A 2-D feature view over any float32/float16/bfloat16/float64 array, any strides, no copy.
-Matrix to_matrix(const py::array& a, const char* name, bool bfloat16) {
-  PYFT_CHECK(a.ndim() == 2, "%s must be a 2-D array (n_samples, n_features); got %d dimension(s)",
-             name, (int)a.ndim());
-  Matrix m;
-  m.dtype = feature_dtype(a, name, bfloat16);
-  m.data = a.data();
-  m.rows = a.shape(0);
-  m.cols = a.shape(1);
-  m.row_stride = a.strides(0);
-  m.col_stride = a.strides(1);
-  return m;
-}
-
-// ---------------------------------------------------------------------------------------------
-// CUDA arrays arrive through DLPack (a torch CUDA tensor, CuPy array or a "dltensor" capsule).
-
-/// A device tensor borrowed for the duration of a call. The capsule is never consumed (renamed to
-/// "used_dltensor"): holding it keeps the producer's memory alive, and its own destructor calls
-/// the deleter once the call is over.
-struct DLView {
-  py::object capsule;
-  const dlpack::Tensor* t = nullptr;
-  int device = kHost;
-  void* data() const { return static_cast<char*>(t->data) + t->byte_offset; }
-  int64_t shape(int d) const { return t->shape[d]; }
-  /// Stride of dimension d in elements (DLPack's null strides mean C-contiguous).
-  int64_t stride(int d) const {
-    if (t->strides) return t->strides[d];
-    int64_t s = 1;
-    for (int k = t->ndim - 1; k > d; --k) s *= t->shape[k];
-    return s;
-  }
-  std::string describe() const {
-    std::string s = "(";
-    for (int d = 0; d < t->ndim; ++d) s += (d ? ", " : "") + std::to_string(t->shape[d]);
-    return s + (t->ndim == 1 ? ",)" : ")");
-  }
-};
-
-std::string type_name(py::handle obj) {
-  return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
-}
-
-/// The DLPack view of `obj` when it lives on a CUDA device (exported for the consumer stream
-/// `stream`, so the producer orders its pending work before ours); nullopt for anything else,
-/// which then takes the NumPy path.
-std::optional<DLView> cuda_tensor(py::handle obj, const char* name, StreamHandle stream) {
-  if (obj.is_none() || py::isinstance<py::array>(obj)) return std::nullopt;
-  py::object cap;
-  if (PyCapsule_CheckExact(obj.ptr())) {
-    cap = py::reinterpret_borrow<py::object>(obj);
-  } else if (py::hasattr(obj, "__dlpack_device__") && py::hasattr(obj, "__dlpack__")) {
-    py::tuple dev = obj.attr("__dlpack_device__")();
-    const int type = dev[0].cast<int>();
-    if (type == dlpack::kCPU || type == dlpack::kCUDAHost) return std::nullopt;
-    PYFT_CHECK(type == dlpack::kCUDA || type == dlpack::kCUDAManaged,
-               "%s is on an unsupported device (DLPack device type %d); pyft takes host arrays "
-               "or CUDA tensors", name, type);
-    // In DLPack's numbering 1 is the legacy default stream; 0 is not allowed for CUDA.
-    try {
-      cap = obj.attr("__dlpack__")("stream"_a = stream == 0 ? StreamHandle(1) : stream);
-    } catch (py::error_already_set& e) {
-      // torch refuses tensors that require grad, and tensors on a device other than the current
-      // one: name the argument and say what the producer said.
-      if (!e.matches(PyExc_BufferError)) throw;
-      PYFT_CHECK(false, "%s could not be exported through DLPack: %s (pass a detached tensor, "
-                 "with its device current: torch.cuda.device(t.device))", name, e.what());
-    }
-  } else {
-    return std::nullopt;
-  }
-  PYFT_CHECK(PyCapsule_IsValid(cap.ptr(), "dltensor"),
-             "%s must be a DLPack capsule named 'dltensor' that has not been consumed yet", name);
-  auto* mt = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
-  PYFT_CHECK(mt != nullptr, "%s: empty DLPack capsule", name);
-  DLView v;
-  v.capsule = cap;
-  v.t = &mt->dl_tensor;
-  const int type = v.t->device.device_type;
-  PYFT_CHECK(type == dlpack::kCUDA || type == dlpack::kCUDAManaged,
-             "%s: pyft takes DLPack capsules of CUDA tensors only (host arrays as NumPy); got "
-             "DLPack device type %d", name, type);
-  v.device = v.t->device.device_id;
-  PYFT_CHECK(v.t->dtype.lanes == 1, "%s must have scalar elements; got %d lanes", name,
-             (int)v.t->dtype.lanes);
-  return v;
-}
-
-/// The element type of a CUDA feature tensor (bfloat16=True reads 16-bit integers as bf16 bits).
-DType cuda_feature_dtype(const DLView& v, const char* name, bool bfloat16) {
-  const auto code = v.t->dtype.code;
-  const auto bits = v.t->dtype.bits;
-  if (bfloat16 && bits == 16 && (code == dlpack::kInt || code == dlpack::kUInt || code == dlpack::kBfloat))
-    return DType::BF16;
-  if (code == dlpack::kBfloat && bits == 16) return DType::BF16;
-  if (code == dlpack::kFloat && bits == 32) return DType::F32;
-  if (code == dlpack::kFloat && bits == 16) return DType::F16;
-  if (code == dlpack::kFloat && bits == 64) return DType::F64;
-  PYFT_CHECK(false, "%s must be float32, float16, bfloat16 or float64; got a CUDA tensor with "
-             "DLPack type code %d, %d bits", name, (int)code, (int)bits);
-  return DType::F32;
-}
-
-/// A 2-D feature view over a CUDA tensor (strides in bytes, as Matrix wants).
-Matrix cuda_matrix(const DLView& v, const char* name, bool bfloat16) {
-  PYFT_CHECK(v.t->ndim == 2,
-             "%s must be a 2-D tensor (n_samples, n_features); got %d dimension(s)", name,
-             (int)v.t->ndim);
-  Matrix m;
-  m.dtype = cuda_feature_dtype(v, name, bfloat16);
-  const int64_t item = dtype_size(m.dtype);
-  m.data = v.data();
-  m.rows = v.shape(0);
-  m.cols = v.shape(1);
-  m.row_stride = v.stride(0) * item;
-  m.col_stride = v.stride(1) * item;
-  m.device = v.device;
-  return m;
-}
-
-/// A 1-D int64 CUDA tensor with unit stride (indices, labels).
-const int64_t* cuda_int64_vector(const DLView& v, const char* name, int64_t* n) {
-  PYFT_CHECK(v.t->ndim == 1 && v.t->dtype.code == dlpack::kInt && v.t->dtype.bits == 64,
-             "%s on a CUDA device must be a 1-D int64 tensor; got %d-D with DLPack type code %d, "
-             "%d bits", name, (int)v.t->ndim, (int)v.t->dtype.code, (int)v.t->dtype.bits);
-  PYFT_CHECK(v.shape(0) <= 1 || v.stride(0) == 1,
-             "%s on a CUDA device must be contiguous; got stride %lld", name,
-             (long long)v.stride(0));
-  *n = v.shape(0);
-  return static_cast<const int64_t*>(v.data());
-}
-
-/// Host-side checks that a device mix is deliberate: every CUDA argument on `device`.
-std::string place_str(int device) {
-  return device == kHost ? std::string("host memory") : "cuda:" + std::to_string(device);
-}
-
-/// Arguments of one call must live together: `name` where `ref` is (device or kHost).
-void check_same_device(const std::optional<DLView>& v, int device, const char* name,
-                       const char* ref) {
-  const int got = v ? v->device : kHost;
-  PYFT_CHECK(got == device, "%s must be in the same place as %s (%s); got %s", name, ref,
-             place_str(device).c_str(), place_str(got).c_str());
-}
-
-/// A host argument must already be a NumPy array (as the py::array parameters these replace
-/// required): no silent conversion of lists or other objects.
-py::array as_host_array(py::handle obj, const char* name) {
-  if (!py::isinstance<py::array>(obj))
-    throw py::type_error(format("%s must be a NumPy array (or, in CUDA builds, a CUDA tensor); "
-                                "got %s", name, type_name(obj).c_str()));
-  return py::reinterpret_borrow<py::array>(obj);
-}
-
-/// Labels as a contiguous int64 vector (labels are small; copying them is fine).
-py::array_t<int64_t> to_labels(const py::array& a, const char* name, int64_t n,
-                               int64_t classes) {
-  PYFT_CHECK(a.ndim() == 1, "%s must be a 1-D array; got %d dimension(s)", name, (int)a.ndim());
-  const char kind = a.dtype().kind();
-  PYFT_CHECK(kind == 'i' || kind == 'u', "%s must be an integer array of class indices; got %s",
-             name, dtype_str(a).c_str());
-  PYFT_CHECK(a.shape(0) == n, "%s must have one entry per feature row (%lld); got %lld", name,
-             (long long)n, (long long)a.shape(0));
-  if (kind == 'u' && a.itemsize() == 8) {
-    // uint64 values >= 2**63 would wrap to negative int64: report them as given.
-    auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
-    const uint64_t* d = u.data();
-    for (int64_t i = 0; i < u.shape(0); ++i)
-      PYFT_CHECK(d[i] < static_cast<uint64_t>(classes), "%s must be in [0, %lld); got %llu at index %lld",
-                 name, (long long)classes, (unsigned long long)d[i], (long long)i);
-  }
-  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
-}
-
-float* params_ptr(const py::array& p, int64_t expected, bool writeable = true,
-                  const char* name = "params") {
-  PYFT_CHECK(p.ndim() == 1 && p.dtype().kind() == 'f' && p.itemsize() == 4,
-             "%s must be a 1-D float32 array; got %d-D %s", name, (int)p.ndim(),
-             dtype_str(p).c_str());
-  PYFT_CHECK(p.shape(0) == expected, "%s must have %lld entries for this head; got %lld", name,
-             (long long)expected, (long long)p.shape(0));
-  PYFT_CHECK(p.flags() & py::array::c_style, "%s must be C-contiguous; got stride %lld bytes",
-             name, (long long)p.strides(0));
-  PYFT_CHECK(!writeable || p.writeable(),
-             "%s must be writeable (they are updated in place); got a read-only array", name);
-  return static_cast<float*>(const_cast<void*>(p.data()));
-}
-
-HeadSpec make_spec(const std::string& head, int64_t in_features, int64_t hidden, int64_t classes,
-                   const std::string& activation) {
-  HeadSpec s;
-  if (head == "linear") {
-    s.kind = HeadKind::Linear;
-  } else if (head == "mlp") {
-    s.kind = HeadKind::MLP;
-  } else {
-    PYFT_CHECK(false, "head must be 'linear' or 'mlp'; got '%s'", head.c_str());
-  }
-  if (activation == "relu") {
-    s.activation = Activation::ReLU;
-  } else if (activation == "gelu") {
-    s.activation = Activation::GELU;
-  } else {
-    PYFT_CHECK(false, "activation must be 'relu' or 'gelu'; got '%s'", activation.c_str());
-  }
-  s.in_features = in_features;
-  s.hidden = s.kind == HeadKind::MLP ? hidden : 0;
-  s.classes = classes;
-  check_spec(s);
-  return s;
-}
-
-KernelChoice make_kernel(const std::string& k) {
-  if (k == "auto") return KernelChoice::Auto;
-  if (k == "blas") return KernelChoice::Blas;
-  if (k == "fused") return KernelChoice::Fused;
-  PYFT_CHECK(false, "kernel must be 'auto', 'blas' or 'fused'; got '%s'", k.c_str());
-  return KernelChoice::Auto;
-}
-
-struct WeightsHolder {
-  py::array_t<float> arr;
-  LossSpec spec;
-};
-
-WeightsHolder make_loss(const std::optional<py::array>& class_weights, double label_smoothing,
-                        int64_t classes) {
-  WeightsHolder h;
-  h.spec.label_smoothing = static_cast<float>(label_smoothing);
-  if (class_weights) {
-    const py::array& w = *class_weights;
-    PYFT_CHECK(w.ndim() == 1 && w.shape(0) == classes,
-               "class_weights must be a 1-D array of %lld weights; got shape with %d dims and %lld "
-               "entries",
-               (long long)classes, (int)w.ndim(), (long long)(w.ndim() ? w.shape(0) : 0));
-    PYFT_CHECK(w.dtype().kind() == 'f' || w.dtype().kind() == 'i' || w.dtype().kind() == 'u',
-               "class_weights must be numeric; got %s", dtype_str(w).c_str());
-    h.arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(w);
-    h.spec.class_weights = h.arr.data();
-  }
-  return h;
-}
-
-/// Carries a Python exception raised inside a callback (or Ctrl-C) across the native loop.
-struct PyErrorSlot {
-  std::unique_ptr<py::error_already_set> error;
-  void rethrow() {
-    if (error) {
-      auto e = std::move(error);
-      throw py::error_already_set(std::move(*e));
-    }
-  }
-};
-
-InterruptCheck make_interrupt_check(PyErrorSlot& slot) {
-  return [&slot]() -> bool {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) {
-      slot.error = std::make_unique<py::error_already_set>();
-      return true;
-    }
-    return false;
-  };
-}
 
 py::dict epoch_dict(const EpochStats& st) {
   py::dict d("epoch"_a = st.epoch, "train_loss"_a = st.train_loss,
@@ -332,14 +43,6 @@ py::dict epoch_dict(const EpochStats& st) {
     d["val_accuracy"] = st.val_accuracy;
   }
   return d;
-}
-
-/// Row indices (train_rows, val_rows) as a contiguous int64 vector; the range is checked in csrc.
-py::array_t<int64_t> to_rows(const py::array& a, const char* name) {
-  PYFT_CHECK(a.ndim() == 1 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u'),
-             "%s must be a 1-D integer array of row indices; got %d-D %s", name, (int)a.ndim(),
-             dtype_str(a).c_str());
-  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
 void set_schedule(TrainOptions& opt, const std::string& schedule) {
@@ -404,116 +107,58 @@ void optimizer_step_py(py::array params, py::array grad, py::array m, std::optio
   for (auto& r : spec.bias_ranges()) update(r.first, r.second, 0.0f);
 }
 
-/// Labels from a host array or a CUDA int64 tensor (copied to the host: they are validated
-/// there, and the trainers keep a host copy for batch normalisers).
-py::array_t<int64_t> labels_from(py::handle obj, const char* name, int64_t n, int64_t classes,
-                                 StreamHandle stream) {
-  if (const std::optional<DLView> v = cuda_tensor(obj, name, stream)) {
-    int64_t count = 0;
-    const int64_t* p = cuda_int64_vector(*v, name, &count);
-    PYFT_CHECK(count == n, "%s must have one entry per feature row (%lld); got %lld", name,
-               (long long)n, (long long)count);
-    py::array_t<int64_t> host(count);
-    int64_t* h = host.mutable_data();
-    py::gil_scoped_release release;
-    cuda_copy_to_host(h, p, count * 8, v->device, stream);
-    return host;
-  }
-  return to_labels(as_host_array(obj, name), name, n, classes);
-}
-
-/// Features as a Matrix over a host array (kept alive in `hold`) or a CUDA tensor (`dl`).
-Matrix features_from(py::handle obj, const char* name, bool bfloat16, StreamHandle stream,
-                     py::array* hold, std::optional<DLView>* dl) {
-  *dl = cuda_tensor(obj, name, stream);
-  if (*dl) return cuda_matrix(**dl, name, bfloat16);
-  *hold = as_host_array(obj, name);
-  return to_matrix(*hold, name, bfloat16);
-}
-
-py::dict train_head_py(py::array params, py::object features, py::object labels,
-                       const std::string& head, int64_t num_classes, int64_t hidden_size,
-                       const std::string& activation, std::optional<py::array> train_rows,
-                       py::object val_features, py::object val_labels, bool bfloat16,
-                       std::optional<py::array> class_weights, double label_smoothing,
-                       const std::string& optimizer, double lr, double weight_decay,
-                       double momentum, double dampening, bool nesterov, double beta1,
-                       double beta2, double eps, const std::string& schedule,
-                       int64_t warmup_steps, double min_lr_ratio, int64_t step_size, double gamma,
-                       int64_t epochs, int64_t batch_size, bool shuffle, bool drop_last,
-                       uint64_t seed, double dropout, int64_t patience, double min_delta,
-                       int n_threads, const std::string& kernel, std::optional<py::function> callback,
-                       StreamHandle stream, bool cuda_graphs) {
+/// The arrays both trainers take: features (host or CUDA), labels and train_rows.
+struct TrainData {
   py::array X_hold, Xv_hold;
   std::optional<DLView> X_dl, Xv_dl;
-  Matrix X = features_from(features, "features", bfloat16, stream, &X_hold, &X_dl);
-  HeadSpec spec = make_spec(head, X.cols, hidden_size, num_classes, activation);
-  float* p = params_ptr(params, spec.num_params());
-  auto y = labels_from(labels, "labels", X.rows, num_classes, stream);
+  Matrix X;
+  py::array_t<int64_t> y, rows;
   RowSubset subset;
-  py::array_t<int64_t> rows_arr;
-  if (train_rows) {
-    rows_arr = to_rows(*train_rows, "train_rows");
-    subset.rows = rows_arr.data();
-    subset.count = rows_arr.shape(0);
+};
+
+const Matrix& train_features(TrainData& d, const py::object& features, const TrainArgs& a) {
+  d.X = features_from(features, "features", a.bfloat16, a.opt.stream, &d.X_hold, &d.X_dl);
+  return d.X;
+}
+
+void train_labels_and_rows(TrainData& d, const py::object& labels, const TrainArgs& a) {
+  d.y = labels_from(labels, "labels", d.X.rows, a.num_classes, a.opt.stream);
+  if (a.train_rows) {
+    d.rows = to_rows(*a.train_rows, "train_rows");
+    d.subset.rows = d.rows.data();
+    d.subset.count = d.rows.shape(0);
   }
+}
+
+py::dict train_head_py(py::array params, py::object features, py::object labels, TrainArgs& a) {
+  TrainData d;
+  const Matrix& X = train_features(d, features, a);
+  HeadSpec spec = make_spec(a.head, X.cols, a.hidden_size, a.num_classes, a.activation);
+  float* p = params_ptr(params, spec.num_params());
+  train_labels_and_rows(d, labels, a);
   std::optional<Matrix> Xv;
   py::array_t<int64_t> yv;
-  PYFT_CHECK(val_features.is_none() == val_labels.is_none(),
+  PYFT_CHECK(a.val_features.is_none() == a.val_labels.is_none(),
              "val_features and val_labels must be given together");
-  if (!val_features.is_none()) {
-    Xv = features_from(val_features, "val_features", bfloat16, stream, &Xv_hold, &Xv_dl);
-    yv = labels_from(val_labels, "val_labels", Xv->rows, num_classes, stream);
+  if (!a.val_features.is_none()) {
+    Xv = features_from(a.val_features, "val_features", a.bfloat16, a.opt.stream, &d.Xv_hold,
+                       &d.Xv_dl);
+    yv = labels_from(a.val_labels, "val_labels", Xv->rows, a.num_classes, a.opt.stream);
   }
-  WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
-
-  TrainOptions opt;
-  set_optimizer_and_schedule(opt, optimizer, schedule);
-  opt.stream = stream;
-  opt.cuda_graphs = cuda_graphs;
-  opt.lr = lr;
-  opt.weight_decay = weight_decay;
-  opt.momentum = momentum;
-  opt.dampening = dampening;
-  opt.nesterov = nesterov;
-  opt.beta1 = beta1;
-  opt.beta2 = beta2;
-  opt.eps = eps;
-  opt.warmup_steps = warmup_steps;
-  opt.min_lr_ratio = min_lr_ratio;
-  opt.step_size = step_size;
-  opt.gamma = gamma;
-  opt.epochs = epochs;
-  opt.batch_size = batch_size;
-  opt.shuffle = shuffle;
-  opt.drop_last = drop_last;
-  opt.seed = seed;
-  opt.dropout = static_cast<float>(dropout);
-  opt.patience = patience;
-  opt.min_delta = min_delta;
-  opt.n_threads = n_threads;
-  opt.kernel = make_kernel(kernel);
+  WeightsHolder loss = make_loss(a.class_weights, a.label_smoothing, a.num_classes);
+  TrainOptions& opt = a.opt;
+  set_optimizer_and_schedule(opt, a.optimizer, a.schedule);
+  opt.kernel = make_kernel(a.kernel);
 
   PyErrorSlot slot;
   std::vector<EpochStats> history;
-  EpochCallback on_epoch = [&](const EpochStats& st) -> bool {
-    history.push_back(st);
-    if (!callback) return true;
-    py::gil_scoped_acquire gil;
-    try {
-      py::object r = (*callback)(epoch_dict(st));
-      return r.is_none() || py::bool_(r);
-    } catch (py::error_already_set& e) {
-      slot.error = std::make_unique<py::error_already_set>(std::move(e));
-      return false;
-    }
-  };
-  InterruptCheck interrupted = make_interrupt_check(slot);
+  const EpochCallback on_epoch = python_callback(a.callback, slot, epoch_dict, &history);
+  const InterruptCheck interrupted = make_interrupt_check(slot);
   TrainResult res;
   {
     py::gil_scoped_release release;
-    res = train_head(spec, p, X, y.data(), subset, Xv ? &*Xv : nullptr, Xv ? yv.data() : nullptr,
-                     loss.spec, opt, on_epoch, interrupted);
+    res = train_head(spec, p, X, d.y.data(), d.subset, Xv ? &*Xv : nullptr,
+                     Xv ? yv.data() : nullptr, loss.spec, opt, on_epoch, interrupted);
   }
   slot.rethrow();
   py::list hist;
@@ -521,7 +166,7 @@ py::dict train_head_py(py::array params, py::object features, py::object labels,
   return py::dict("epochs_run"_a = res.epochs_run, "steps"_a = res.steps,
                   "best_epoch"_a = res.best_epoch, "stopped_early"_a = res.stopped_early,
                   "stopped_by_callback"_a = res.stopped_by_callback, "history"_a = hist,
-                  "threads"_a = resolve_threads(n_threads),
+                  "threads"_a = resolve_threads(opt.n_threads),
                   "kernel"_a = X.device != kHost ? "cuda"
                                : use_fused_kernel(spec, opt.kernel) ? "fused" : "blas");
 }
@@ -553,23 +198,10 @@ py::dict grid_epoch_dict(const GridEpochStats& st, const py::array_t<double>& lr
   return d;
 }
 
-py::dict train_heads_py(py::array params, py::object features, py::object labels,
-                        int64_t num_classes, py::array_t<double, py::array::c_style | py::array::forcecast> lrs,
-                        py::array_t<double, py::array::c_style | py::array::forcecast> weight_decays,
-                        std::optional<py::array> train_rows, py::object val_features,
-                        py::object val_labels, std::optional<py::array> val_rows,
-                        bool bfloat16, std::optional<py::array> class_weights,
-                        double label_smoothing, const std::string& optimizer, double momentum,
-                        double dampening, bool nesterov, double beta1, double beta2, double eps,
-                        const std::string& schedule, int64_t warmup_steps, double min_lr_ratio,
-                        int64_t step_size, double gamma, int64_t epochs, int64_t batch_size,
-                        bool shuffle, bool drop_last, uint64_t seed, int n_threads,
-                        std::optional<py::function> callback, StreamHandle stream,
-                        bool cuda_graphs) {
-  py::array X_hold, Xv_hold;
-  std::optional<DLView> X_dl, Xv_dl;
-  Matrix X = features_from(features, "features", bfloat16, stream, &X_hold, &X_dl);
-  HeadSpec spec = make_spec("linear", X.cols, 0, num_classes, "relu");
+py::dict train_heads_py(py::array params, py::object features, py::object labels, TrainArgs& a) {
+  TrainData d;
+  const Matrix& X = train_features(d, features, a);
+  HeadSpec spec = make_spec("linear", X.cols, 0, a.num_classes, "relu");
   const int64_t P = spec.num_params();
   PYFT_CHECK(params.ndim() == 2 && params.dtype().kind() == 'f' && params.itemsize() == 4,
              "params must be a 2-D float32 array (heads, num_classes * n_features + num_classes); "
@@ -583,85 +215,50 @@ py::dict train_heads_py(py::array params, py::object features, py::object labels
   const int64_t heads = params.shape(0);
   PYFT_CHECK(heads >= 1, "params must hold at least 1 head (one row per head); got 0 rows");
   float* p = static_cast<float*>(params.mutable_data());
-  auto lr_arr = to_per_head(lrs, "lrs", heads);
-  auto wd_arr = to_per_head(weight_decays, "weight_decays", heads);
-  auto y = labels_from(labels, "labels", X.rows, num_classes, stream);
-  RowSubset subset;
-  py::array_t<int64_t> rows_arr, vrows_arr;
-  if (train_rows) {
-    rows_arr = to_rows(*train_rows, "train_rows");
-    subset.rows = rows_arr.data();
-    subset.count = rows_arr.shape(0);
-  }
-  PYFT_CHECK(val_features.is_none() == val_labels.is_none(),
+  auto lr_arr = to_per_head(a.lrs, "lrs", heads);
+  auto wd_arr = to_per_head(a.weight_decays, "weight_decays", heads);
+  train_labels_and_rows(d, labels, a);
+  PYFT_CHECK(a.val_features.is_none() == a.val_labels.is_none(),
              "val_features and val_labels must be given together");
-  PYFT_CHECK(val_features.is_none() || !val_rows,
+  PYFT_CHECK(a.val_features.is_none() || !a.val_rows,
              "give either val_features/val_labels or val_rows (rows of features), not both");
   std::optional<Matrix> Xv;
-  py::array_t<int64_t> yv;
+  py::array_t<int64_t> yv, vrows_arr;
   ValidationSet val;
-  if (!val_features.is_none()) {
-    Xv = features_from(val_features, "val_features", bfloat16, stream, &Xv_hold, &Xv_dl);
-    yv = labels_from(val_labels, "val_labels", Xv->rows, num_classes, stream);
+  if (!a.val_features.is_none()) {
+    Xv = features_from(a.val_features, "val_features", a.bfloat16, a.opt.stream, &d.Xv_hold,
+                       &d.Xv_dl);
+    yv = labels_from(a.val_labels, "val_labels", Xv->rows, a.num_classes, a.opt.stream);
     val.X = &*Xv;
     val.labels = yv.data();
     val.count = Xv->rows;
-  } else if (val_rows) {
-    vrows_arr = to_rows(*val_rows, "val_rows");
+  } else if (a.val_rows) {
+    vrows_arr = to_rows(*a.val_rows, "val_rows");
     val.rows = vrows_arr.data();
     val.count = vrows_arr.shape(0);
     PYFT_CHECK(val.count >= 1, "val_rows must select at least 1 row; got 0");
   }
-  WeightsHolder loss = make_loss(class_weights, label_smoothing, num_classes);
-
-  TrainOptions opt;
-  set_optimizer_and_schedule(opt, optimizer, schedule);
-  opt.momentum = momentum;
-  opt.dampening = dampening;
-  opt.nesterov = nesterov;
-  opt.beta1 = beta1;
-  opt.beta2 = beta2;
-  opt.eps = eps;
-  opt.warmup_steps = warmup_steps;
-  opt.min_lr_ratio = min_lr_ratio;
-  opt.step_size = step_size;
-  opt.gamma = gamma;
-  opt.epochs = epochs;
-  opt.batch_size = batch_size;
-  opt.shuffle = shuffle;
-  opt.drop_last = drop_last;
-  opt.seed = seed;
-  opt.n_threads = n_threads;
-  opt.stream = stream;
-  opt.cuda_graphs = cuda_graphs;
+  WeightsHolder loss = make_loss(a.class_weights, a.label_smoothing, a.num_classes);
+  TrainOptions& opt = a.opt;
+  set_optimizer_and_schedule(opt, a.optimizer, a.schedule);
 
   PyErrorSlot slot;
   std::vector<GridEpochStats> history;
-  GridEpochCallback on_epoch = [&](const GridEpochStats& st) -> bool {
-    history.push_back(st);
-    if (!callback) return true;
-    py::gil_scoped_acquire gil;
-    try {
-      py::object r = (*callback)(grid_epoch_dict(st, lr_arr));
-      return r.is_none() || py::bool_(r);
-    } catch (py::error_already_set& e) {
-      slot.error = std::make_unique<py::error_already_set>(std::move(e));
-      return false;
-    }
-  };
-  InterruptCheck interrupted = make_interrupt_check(slot);
+  auto to_dict = [&lr_arr](const GridEpochStats& st) { return grid_epoch_dict(st, lr_arr); };
+  const GridEpochCallback on_epoch = python_callback(a.callback, slot, to_dict, &history);
+  const InterruptCheck interrupted = make_interrupt_check(slot);
   GridResult res;
   {
     py::gil_scoped_release release;
-    res = train_heads(spec, heads, p, lr_arr.data(), wd_arr.data(), X, y.data(), subset, val,
+    res = train_heads(spec, heads, p, lr_arr.data(), wd_arr.data(), X, d.y.data(), d.subset, val,
                       loss.spec, opt, on_epoch, interrupted);
   }
   slot.rethrow();
   py::list hist;
-  for (auto& st : history) hist.append(grid_epoch_dict(st, lr_arr));
+  for (auto& st : history) hist.append(to_dict(st));
   return py::dict("epochs_run"_a = res.epochs_run, "steps"_a = res.steps,
                   "stopped_by_callback"_a = res.stopped_by_callback, "history"_a = hist,
-                  "threads"_a = resolve_threads(n_threads));
+                  "threads"_a = resolve_threads(opt.n_threads));
 }
 
 py::dict train_head_lbfgs_py(py::array params, py::array features, py::array labels,
@@ -684,19 +281,11 @@ py::dict train_head_lbfgs_py(py::array params, py::array features, py::array lab
   opt.n_threads = n_threads;
   opt.kernel = make_kernel(kernel);
   PyErrorSlot slot;
-  LbfgsCallback on_iter = [&](const LbfgsIteration& it) -> bool {
-    if (!callback) return true;
-    py::gil_scoped_acquire gil;
-    try {
-      py::object r = (*callback)(py::dict("iteration"_a = it.iteration, "objective"_a = it.objective,
-                                          "grad_max"_a = it.grad_max,
-                                          "evaluations"_a = it.evaluations));
-      return r.is_none() || py::bool_(r);
-    } catch (py::error_already_set& e) {
-      slot.error = std::make_unique<py::error_already_set>(std::move(e));
-      return false;
-    }
+  auto to_dict = [](const LbfgsIteration& it) {
+    return py::dict("iteration"_a = it.iteration, "objective"_a = it.objective,
+                    "grad_max"_a = it.grad_max, "evaluations"_a = it.evaluations);
   };
+  const LbfgsCallback on_iter = python_callback<LbfgsIteration>(callback, slot, to_dict);
   InterruptCheck interrupted = make_interrupt_check(slot);
   LbfgsResult res;
   {
@@ -760,32 +349,6 @@ py::array predict_py(py::array params, py::array features, const std::string& he
     head_predict(spec, p, X, what, o, nullptr, n_threads);
   }
   return out;
-}
-
-std::string shape_str(const std::vector<py::ssize_t>& v) {
-  std::string s = "(";
-  for (size_t d = 0; d < v.size(); ++d) s += (d ? ", " : "") + std::to_string(v[d]);
-  return s + (v.size() == 1 ? ",)" : ")");
-}
-
-/// Row indices as C-contiguous int64: no copy for int64 input, else a copy (indices are small).
-py::array_t<int64_t> to_indices(const py::array& a, int64_t n_rows) {
-  PYFT_CHECK(a.ndim() == 1, "indices must be a 1-D array of row indices; got %d dimension(s)",
-             (int)a.ndim());
-  const char kind = a.dtype().kind();
-  PYFT_CHECK(kind == 'i' || kind == 'u',
-             "indices must be an integer array (int64 or int32) of row indices; got %s",
-             dtype_str(a).c_str());
-  if (kind == 'u' && a.itemsize() == 8) {
-    // uint64 values >= 2**63 would wrap to negative int64: report them as given.
-    auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
-    const uint64_t* d = u.data();
-    for (int64_t r = 0; r < u.shape(0); ++r)
-      PYFT_CHECK(d[r] < static_cast<uint64_t>(n_rows),
-                 "indices must be in [0, %lld) (rows of src); got %llu at position %lld",
-                 (long long)n_rows, (unsigned long long)d[r], (long long)r);
-  }
-  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
 /// gather_rows for a CUDA src: indices on the host or the same device, out a CUDA float32 tensor.
@@ -905,26 +468,17 @@ py::array_t<int64_t> epoch_permutation_py(int64_t n, uint64_t seed, int64_t epoc
 }
 
 }  // namespace
+}  // namespace bind
 }  // namespace pyft
 
 PYBIND11_MODULE(_core, m) {
   using namespace pyft;
+  using namespace pyft::bind;
   m.doc() = "pyft native core: fused head training and inference on NumPy buffers";
   m.attr("__version__") = PYFT_VERSION;
 
-  m.def("train_head", &train_head_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
-        "head"_a = "linear", "num_classes"_a, "hidden_size"_a = 0, "activation"_a = "relu",
-        "train_rows"_a = py::none(), "val_features"_a = py::none(), "val_labels"_a = py::none(),
-        "bfloat16"_a = false,
-        "class_weights"_a = py::none(), "label_smoothing"_a = 0.0, "optimizer"_a = "adamw",
-        "lr"_a = 1e-3, "weight_decay"_a = 0.0, "momentum"_a = 0.0, "dampening"_a = 0.0,
-        "nesterov"_a = false, "beta1"_a = 0.9, "beta2"_a = 0.999, "eps"_a = 1e-8,
-        "schedule"_a = "constant", "warmup_steps"_a = 0, "min_lr_ratio"_a = 0.0,
-        "step_size"_a = 1, "gamma"_a = 0.1, "epochs"_a = 10, "batch_size"_a = 256,
-        "shuffle"_a = true, "drop_last"_a = false, "seed"_a = 0, "dropout"_a = 0.0,
-        "patience"_a = 0, "min_delta"_a = 0.0, "n_threads"_a = 0, "kernel"_a = "auto",
-        "callback"_a = py::none(), "stream"_a = 0, "cuda_graphs"_a = true,
-        R"doc(Train a head in place with mini-batch SGD or AdamW; one native call, GIL released.
+  def_trainer(m, "train_head", kw::TrainHead{}, train_head_py,
+              R"doc(Train a head in place with mini-batch SGD or AdamW; one native call, GIL released.
 
 params: 1-D float32 (linear: W (C*D) | b (C); mlp: W1 (H*D) | b1 (H) | W2 (C*H) | b2 (C)),
 updated in place. features: 2-D float32/float16/bfloat16/float64, any strides (never copied
@@ -936,17 +490,8 @@ host arrays or int64 tensors; params stay a host array, updated after every epoc
 ordered after `stream` (the caller's cudaStream_t as an int; 0: legacy default stream) and ends
 synchronised; cuda_graphs=True replays each epoch as one CUDA graph (with epochs >= 2).)doc");
 
-  m.def("train_heads", &train_heads_py, "params"_a, "features"_a, "labels"_a, py::kw_only(),
-        "num_classes"_a, "lrs"_a, "weight_decays"_a, "train_rows"_a = py::none(),
-        "val_features"_a = py::none(), "val_labels"_a = py::none(), "val_rows"_a = py::none(),
-        "bfloat16"_a = false, "class_weights"_a = py::none(), "label_smoothing"_a = 0.0,
-        "optimizer"_a = "sgd", "momentum"_a = 0.0, "dampening"_a = 0.0, "nesterov"_a = false,
-        "beta1"_a = 0.9, "beta2"_a = 0.999, "eps"_a = 1e-8, "schedule"_a = "constant",
-        "warmup_steps"_a = 0, "min_lr_ratio"_a = 0.0, "step_size"_a = 1, "gamma"_a = 0.1,
-        "epochs"_a = 10, "batch_size"_a = 256, "shuffle"_a = true, "drop_last"_a = false,
-        "seed"_a = 0, "n_threads"_a = 0, "callback"_a = py::none(), "stream"_a = 0,
-        "cuda_graphs"_a = true,
-        R"doc(Train H linear heads together in place, each with its own lr and weight decay.
+  def_trainer(m, "train_heads", kw::TrainHeads{}, train_heads_py,
+              R"doc(Train H linear heads together in place, each with its own lr and weight decay.
 
 params: 2-D float32 (H, C*D + C), row h = head h's flat layout W (C*D) | b (C), updated in place.
 lrs, weight_decays: H values each. Every head sees the same batches (seed), so each batch is
@@ -954,6 +499,18 @@ gathered once and multiplied against all heads' weights in one GEMM; head h foll
 with lr=lrs[h], weight_decay=weight_decays[h]. Validation on val_features/val_labels or on rows
 val_rows of features (no copy). Returns a dict whose history holds per-head arrays per epoch.
 CUDA features: as train_head (one GEMM for all heads per batch; at most 65535 heads).)doc");
+
+  m.def("train_head_options",
+        [](const std::string& function) {
+          if (function == "train_head") return describe(kw::TrainHead{});
+          PYFT_CHECK(function == "train_heads",
+                     "function must be 'train_head' or 'train_heads'; got '%s'", function.c_str());
+          return describe(kw::TrainHeads{});
+        },
+        "function"_a = "train_head",
+        R"doc(The keyword options of train_head (or train_heads) in signature order, as
+(name, required, default) tuples (default None when required): the table both bindings are
+generated from, for tests that keep _core.pyi and the references in step.)doc");
 
   m.def("train_head_lbfgs", &train_head_lbfgs_py, "params"_a, "features"_a, "labels"_a,
         py::kw_only(), "num_classes"_a, "bfloat16"_a = false, "class_weights"_a = py::none(),

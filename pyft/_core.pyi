@@ -87,6 +87,7 @@ def train_heads(
     stream: int = 0,
     cuda_graphs: bool = True,
 ) -> Dict[str, Any]: ...
+def train_head_options(function: str = "train_head") -> List[Tuple[str, bool, Any]]: ...
 def train_head_lbfgs(
     params: npt.NDArray[np.float32],
     features: npt.ArrayLike,

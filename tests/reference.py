@@ -220,6 +220,9 @@ def torch_train(
 ) -> Tuple[np.ndarray, List[Dict[str, float]]]:
     """The training loop train_head documents, in plain PyTorch (on ``device``).
 
+    Keyword names and defaults follow train_head's (``_core.train_head_options()``;
+    tests/test_options.py holds them together).
+
     Returns (final flat float32 params, per-epoch history with train_loss and lr). The epoch's
     train_loss is sum_batches(batch mean loss * batch rows) / rows seen, with each batch loss taken
     before that batch's update, as the core reports it.

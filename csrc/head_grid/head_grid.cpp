@@ -5,6 +5,7 @@
 
 #include "common/check.h"
 #include "common/device.h"
+#include "common/head_checks.h"
 
 namespace pyft {
 

@@ -14,7 +14,8 @@
 
 #include "common/convert.h"
 #include "common/head_math.h"
-#include "head_train/head_train.h"
+#include "common/train_loop.h"
+#include "common/train_options.h"
 
 namespace pyft {
 
@@ -38,12 +39,7 @@ struct GridEpochStats {
   double seconds = 0.0;
 };
 
-struct GridResult {
-  int64_t epochs_run = 0;
-  int64_t steps = 0;
-  bool stopped_by_callback = false;
-  bool interrupted = false;
-};
+struct GridResult : RunResult {};
 
 /// Called after every epoch (params already hold that epoch's weights); return false to stop.
 using GridEpochCallback = std::function<bool(const GridEpochStats&)>;

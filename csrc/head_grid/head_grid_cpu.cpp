@@ -7,9 +7,11 @@
 #include <vector>
 
 #include "common/blas.h"
+#include "common/head_checks.h"
 #include "common/optim.h"
 #include "common/parallel.h"
 #include "common/rng.h"
+#include "common/train_loop.h"
 #include "head_grid/head_grid.h"
 
 namespace pyft {
@@ -120,10 +122,8 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
   using clock = std::chrono::steady_clock;
   const int nt = resolve_threads(opt.n_threads);
   const int64_t H = heads, C = spec.classes, D = spec.in_features, HC = H * C;
-  const int64_t N = subset.rows ? subset.count : X.rows;
-  const int64_t B = std::min<int64_t>(opt.batch_size, N);
-  const int64_t steps_per_epoch = opt.drop_last ? std::max<int64_t>(1, N / B) : (N + B - 1) / B;
-  const int64_t total_steps = steps_per_epoch * opt.epochs;
+  const StepPlan plan(opt, subset.rows ? subset.count : X.rows);
+  const int64_t N = plan.rows, B = plan.batch, steps_per_epoch = plan.steps_per_epoch;
   const int64_t chunk = 1024;  // validation rows per GEMM
   const int64_t rows_max = std::max(B, chunk);
 
@@ -169,7 +169,7 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
       const double wsum = batch_weight_sum(loss, labels, idx, count);
       const double inv_denom = 1.0 / wsum;
       const float invd = static_cast<float>(inv_denom);
-      factor = lr_factor(opt, step, total_steps, steps_per_epoch);
+      factor = plan.lr_factor(opt, step);
 
       // Softmax cross-entropy of head h on its block of Z; Z's block becomes dL/dlogits.
       auto ce_head = [&](int64_t h, HeadScratch& sc) {
@@ -266,11 +266,8 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
       }
       seen += count;
       ++step;
-      if ((step & 15) == 0 && interrupted && interrupted()) {
+      if ((step & 15) == 0 && poll_interrupt(interrupted, res, epoch, step)) {
         pack_back(W, params);
-        res.interrupted = true;
-        res.steps = step;
-        res.epochs_run = epoch;
         return res;
       }
     }
@@ -281,9 +278,8 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
     st.train_loss.resize(H);
     st.train_accuracy.resize(H);
     for (int64_t h = 0; h < H; ++h) {
-      st.train_loss[h] = loss_sum[h] / static_cast<double>(std::max<int64_t>(1, seen));
-      st.train_accuracy[h] =
-          static_cast<double>(correct[h]) / static_cast<double>(std::max<int64_t>(1, seen));
+      st.train_loss[h] = per_row(loss_sum[h], seen);
+      st.train_accuracy[h] = per_row(static_cast<double>(correct[h]), seen);
     }
     st.lr_factor = factor;
     st.steps = step;
@@ -336,14 +332,8 @@ GridResult train_heads(const HeadSpec& spec, int64_t heads, float* params, const
     st.seconds = std::chrono::duration<double>(clock::now() - t0).count();
     res.epochs_run = epoch + 1;
     res.steps = step;
-    if (on_epoch && !on_epoch(st)) {
-      res.stopped_by_callback = true;
-      break;
-    }
-    if (interrupted && interrupted()) {
-      res.interrupted = true;
-      return res;
-    }
+    if (!callback_continues(on_epoch, st, res)) break;
+    if (poll_interrupt(interrupted, res)) return res;
   }
   return res;
 }

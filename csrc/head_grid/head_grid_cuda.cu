@@ -32,7 +32,9 @@
 #include "common/check.h"
 #include "common/cuda_check.cuh"
 #include "common/cuda_util.cuh"
+#include "common/head_checks.h"
 #include "common/rng.h"
+#include "common/train_loop.h"
 #include "head_grid/head_grid.h"
 
 namespace pyft {
@@ -316,10 +318,11 @@ class GridTrainer {
     C_ = spec.classes;
     D_ = spec.in_features;
     HC_ = H_ * C_;
-    N_ = subset.rows ? subset.count : X.rows;
-    B_ = std::min<int64_t>(opt.batch_size, N_);
-    S_ = opt.drop_last ? std::max<int64_t>(1, N_ / B_) : (N_ + B_ - 1) / B_;
-    total_ = S_ * opt.epochs;
+    const StepPlan plan(opt, subset.rows ? subset.count : X.rows);
+    N_ = plan.rows;
+    B_ = plan.batch;
+    S_ = plan.steps_per_epoch;
+    total_ = plan.total_steps;
     half_ = !std::is_same<Tc, float>::value;
     // Validation rows per GEMM: the logits block stays under ~256 MB.
     VC_ = std::max<int64_t>(1, std::min<int64_t>(4096, (int64_t(64) << 20) / HC_));
@@ -373,11 +376,8 @@ class GridTrainer {
       } else {
         for (int64_t s = 0; s < S_; ++s) {
           enqueue_step(s);
-          if (((step + s + 1) & 63) == 0 && interrupted && interrupted()) {
+          if (((step + s + 1) & 63) == 0 && poll_interrupt(interrupted, res, epoch, step + s + 1)) {
             finish_params();
-            res.interrupted = true;
-            res.steps = step + s + 1;
-            res.epochs_run = epoch;
             return res;
           }
         }
@@ -412,9 +412,8 @@ class GridTrainer {
           loss_sum += l * inv_denom[s] * static_cast<double>(count);
         }
         const int64_t seen = std::min(N_, S_ * B_);
-        st.train_loss[h] = loss_sum / static_cast<double>(std::max<int64_t>(1, seen));
-        st.train_accuracy[h] =
-            static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(1, seen));
+        st.train_loss[h] = per_row(loss_sum, seen);
+        st.train_accuracy[h] = per_row(static_cast<double>(hits), seen);
       }
       st.lr_factor = factor;
       st.steps = step;
@@ -426,14 +425,8 @@ class GridTrainer {
       st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       res.epochs_run = epoch + 1;
       res.steps = step;
-      if (on_epoch && !on_epoch(st)) {
-        res.stopped_by_callback = true;
-        break;
-      }
-      if (interrupted && interrupted()) {
-        res.interrupted = true;
-        return res;
-      }
+      if (!callback_continues(on_epoch, st, res)) break;
+      if (poll_interrupt(interrupted, res)) return res;
     }
     return res;
   }

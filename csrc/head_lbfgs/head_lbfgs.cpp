@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "common/check.h"
-#include "head_train/head_train.h"
+#include "common/head_checks.h"
 
 namespace pyft {
 

@@ -12,6 +12,7 @@
 
 #include "common/convert.h"
 #include "common/head_math.h"
+#include "common/train_loop.h"
 
 namespace pyft {
 
@@ -45,7 +46,6 @@ struct LbfgsResult {
 
 /// Called after each iteration; return false to stop.
 using LbfgsCallback = std::function<bool(const LbfgsIteration&)>;
-using InterruptCheck = std::function<bool()>;
 
 LbfgsResult train_head_lbfgs(const HeadSpec& spec, float* params, const Matrix& X,
                              const int64_t* labels, const LossSpec& loss, const LbfgsOptions& opt,

@@ -5,9 +5,9 @@
 #include <deque>
 #include <vector>
 
+#include "common/head_checks.h"
 #include "common/parallel.h"
 #include "head_lbfgs/head_lbfgs.h"
-#include "head_train/head_train.h"
 
 namespace pyft {
 namespace cpu {

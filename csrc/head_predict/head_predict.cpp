@@ -2,7 +2,7 @@
 #include "head_predict/head_predict.h"
 
 #include "common/check.h"
-#include "head_train/head_train.h"
+#include "common/head_checks.h"
 
 namespace pyft {
 

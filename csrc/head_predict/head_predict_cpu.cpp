@@ -2,9 +2,9 @@
 #include <cmath>
 #include <vector>
 
+#include "common/head_checks.h"
 #include "common/parallel.h"
 #include "head_predict/head_predict.h"
-#include "head_train/head_train.h"
 
 namespace pyft {
 namespace cpu {

@@ -2,12 +2,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "common/optim.h"
 #include "common/parallel.h"
+#include "common/head_checks.h"
 #include "common/rng.h"
+#include "common/train_loop.h"
 #include "head_train/head_train.h"
 
 namespace pyft {
@@ -116,24 +117,19 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
                        const EpochCallback& on_epoch, const InterruptCheck& interrupted) {
   using clock = std::chrono::steady_clock;
   const int nt = resolve_threads(opt.n_threads);
-  const int64_t N = subset.rows ? subset.count : X.rows;
+  const StepPlan plan(opt, subset.rows ? subset.count : X.rows);
+  const int64_t N = plan.rows, B = plan.batch, steps_per_epoch = plan.steps_per_epoch;
   const int64_t P = spec.num_params();
-  const int64_t B = std::min<int64_t>(opt.batch_size, N);
-  const int64_t steps_per_epoch = opt.drop_last ? std::max<int64_t>(1, N / B) : (N + B - 1) / B;
-  const int64_t total_steps = steps_per_epoch * opt.epochs;
 
   std::vector<int64_t> order(N);
   std::vector<float> grad(P);
-  std::vector<float> best_params;
   std::vector<float> eval_logits;
   Workspace ws;
   Optimizer optimizer(spec, opt, nt);
 
   TrainResult res;
-  double best_val = std::numeric_limits<double>::infinity();
-  int64_t since_best = 0;
+  EarlyStopping early(opt, val_X != nullptr, P);
   int64_t step = 0;
-  const bool early_stopping = opt.patience > 0 && val_X != nullptr;
   bool features_verified = false, val_verified = false;
 
   for (int64_t epoch = 0; epoch < opt.epochs; ++epoch) {
@@ -148,7 +144,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
       const int64_t* idx = order.data() + begin;
       const double wsum = batch_weight_sum(loss, labels, idx, count);
       DropoutSpec drop{opt.dropout, hash_combine(opt.seed ^ 0xd509u, static_cast<uint64_t>(step))};
-      lr = opt.lr * lr_factor(opt, step, total_steps, steps_per_epoch);
+      lr = opt.lr * plan.lr_factor(opt, step);
       optimizer.begin_step();
       const SliceUpdate update = [&](int64_t lo, int64_t hi) {
         optimizer.update_slice(params, grad.data(), lr, lo, hi);
@@ -164,17 +160,12 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
       correct += br.correct;
       seen += count;
       ++step;
-      if ((step & 63) == 0 && interrupted && interrupted()) {
-        res.interrupted = true;
-        res.steps = step;
-        res.epochs_run = epoch;
-        return res;
-      }
+      if ((step & 63) == 0 && poll_interrupt(interrupted, res, epoch, step)) return res;
     }
     EpochStats st;
     st.epoch = epoch;
-    st.train_loss = loss_sum / static_cast<double>(std::max<int64_t>(1, seen));
-    st.train_accuracy = static_cast<double>(correct) / static_cast<double>(std::max<int64_t>(1, seen));
+    st.train_loss = per_row(loss_sum, seen);
+    st.train_accuracy = per_row(static_cast<double>(correct), seen);
     st.lr = lr;
     st.steps = step;
     if (val_X) {
@@ -187,28 +178,16 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
     res.steps = step;
 
     bool stop = false;
-    if (early_stopping) {
-      if (st.val_loss < best_val - opt.min_delta) {
-        best_val = st.val_loss;
-        best_params.assign(params, params + P);
-        res.best_epoch = epoch;
-        since_best = 0;
-      } else if (++since_best >= opt.patience) {
-        res.stopped_early = true;
-        stop = true;
-      }
-    }
-    if (on_epoch && !on_epoch(st)) {
-      res.stopped_by_callback = true;
+    if (early.observe(epoch, st.val_loss, params)) {
+      res.stopped_early = true;
       stop = true;
     }
-    if (interrupted && interrupted()) {
-      res.interrupted = true;
-      return res;
-    }
+    res.best_epoch = early.best_epoch();
+    if (!callback_continues(on_epoch, st, res)) stop = true;
+    if (poll_interrupt(interrupted, res)) return res;
     if (stop) break;
   }
-  if (early_stopping && !best_params.empty()) std::copy(best_params.begin(), best_params.end(), params);
+  early.restore(params);
   return res;
 }
 

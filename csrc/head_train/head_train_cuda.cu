@@ -2,11 +2,9 @@
 // holds the fused loop), with train_head's per-epoch statistics and early stopping on top.
 //
 // Early stopping keeps its best weights on the host: the grid trainer copies the weights back
-// after every epoch anyway (C x D floats, a few MB), so the bookkeeping is the CPU trainer's.
-#include <algorithm>
-#include <limits>
-#include <vector>
-
+// after every epoch anyway (C x D floats, a few MB), so the bookkeeping is the CPU trainer's
+// (common/train_loop.h).
+#include "common/train_loop.h"
 #include "head_grid/head_grid.h"
 #include "head_train/head_train.h"
 
@@ -17,7 +15,6 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
                        const int64_t* labels, const RowSubset& subset, const Matrix* val_X,
                        const int64_t* val_labels, const LossSpec& loss, const TrainOptions& opt,
                        const EpochCallback& on_epoch, const InterruptCheck& interrupted) {
-  const int64_t P = spec.num_params();
   const double lr = opt.lr, wd = opt.weight_decay;
   ValidationSet val;
   if (val_X) {
@@ -25,10 +22,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
     val.labels = val_labels;
     val.count = val_X->rows;
   }
-  const bool early_stopping = opt.patience > 0 && val_X != nullptr;
-  double best_val = std::numeric_limits<double>::infinity();
-  int64_t since_best = 0;
-  std::vector<float> best_params;
+  EarlyStopping early(opt, val_X != nullptr, spec.num_params());
   TrainResult res;
   GridEpochCallback grid_cb = [&](const GridEpochStats& g) -> bool {
     EpochStats st;
@@ -44,21 +38,12 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
     st.steps = g.steps;
     st.seconds = g.seconds;
     bool stop = false;
-    if (early_stopping) {
-      if (st.val_loss < best_val - opt.min_delta) {
-        best_val = st.val_loss;
-        best_params.assign(params, params + P);
-        res.best_epoch = g.epoch;
-        since_best = 0;
-      } else if (++since_best >= opt.patience) {
-        res.stopped_early = true;
-        stop = true;
-      }
-    }
-    if (on_epoch && !on_epoch(st)) {
-      res.stopped_by_callback = true;
+    if (early.observe(g.epoch, st.val_loss, params)) {
+      res.stopped_early = true;
       stop = true;
     }
+    res.best_epoch = early.best_epoch();
+    if (!callback_continues(on_epoch, st, res)) stop = true;
     return !stop;
   };
   const GridResult g = cuda::train_heads(spec, 1, params, &lr, &wd, X, labels, subset, val, loss,
@@ -68,8 +53,7 @@ TrainResult train_head(const HeadSpec& spec, float* params, const Matrix& X,
   res.interrupted = g.interrupted;
   // The grid reports a callback stop for early stopping too; only the user's callback counts.
   if (res.interrupted) return res;
-  if (early_stopping && !best_params.empty())
-    std::copy(best_params.begin(), best_params.end(), params);
+  early.restore(params);
   return res;
 }
 
