@@ -2,17 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-
-def run(*args, timeout=600, cwd=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "pyft", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+from pyft_tests_helpers import run_cli as run  # tests/conftest.py
 
 
 def test_info_json():

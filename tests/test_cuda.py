@@ -11,10 +11,9 @@ RuntimeError that names the missing piece (CPU build: rebuild with CUDA; CUDA bu
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
+import pyft_tests_fake_dlpack as fake  # registered by tests/conftest.py
+import pyft_tests_reference as ref  # registered by tests/conftest.py
 import pytest
 
 import pyft
@@ -23,17 +22,6 @@ from pyft import _core
 torch = pytest.importorskip("torch")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        f"pyft_tests_{name}", pathlib.Path(__file__).with_name(f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load("reference")
-fake = _load("fake_dlpack")
 
 CUDA_BUILD = _core.cuda_version() >= 0
 HAS_GPU = torch.cuda.is_available()

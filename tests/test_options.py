@@ -4,19 +4,13 @@ the option list: _core.pyi and tests/reference.py must agree with it."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 from pathlib import Path
 
+import pyft_tests_reference as ref  # registered by tests/conftest.py
 import pytest
 
 from pyft import _core
-
-_spec = importlib.util.spec_from_file_location(
-    "pyft_tests_reference", Path(__file__).with_name("reference.py")
-)
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 STUB = Path(_core.__file__).resolve().parent / "_core.pyi"
 # torch_train's own arguments, not train_head options.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyft_tests_helpers import run_python as _run  # tests/conftest.py
 
 import pyft
 from pyft import _core
@@ -36,12 +37,6 @@ def _pyproject_version() -> str:
     m = re.search(r'^version\s*=\s*["\']([^"\']+)["\']', section.group(1), re.M)
     assert m, "no static version in [project]"
     return m.group(1)
-
-
-def _run(code: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, **kwargs
-    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,7 +187,8 @@ def test_public_api_objects():
 
 
 NATIVE_FUNCTIONS = [
-    "train_head", "train_heads", "train_head_lbfgs", "objective", "predict", "epoch_permutation", "lr_factor",
+    "train_head", "train_heads", "train_head_lbfgs", "objective", "predict", "epoch_permutation",
+    "lr_factor",
     "num_threads", "blas_config", "cuda_version", "cuda_kernels", "cuda_device_count",
     "gather_rows",
 ]
@@ -232,7 +228,8 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     commands = [line.strip() for line in readme.splitlines()
-                if line.strip().endswith("python -m pytest") and line.strip().startswith("pip install")]
+                if line.strip().endswith("python -m pytest")
+                and line.strip().startswith("pip install")]
     assert len(commands) == 1, commands
     assert commands[0] in ci.splitlines()
     # torch is pinned wherever it is installed (an unpinned torch may pull a multi-GB build)

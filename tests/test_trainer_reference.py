@@ -12,21 +12,13 @@ float32 steps whose summation order differs between OpenBLAS and PyTorch.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
+import pyft_tests_reference as ref  # registered by tests/conftest.py
 import pytest
 import torch
 
 import pyft
 from pyft import _core
-
-_spec = importlib.util.spec_from_file_location(
-    "pyft_tests_reference", pathlib.Path(__file__).with_name("reference.py")
-)
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 RTOL, ATOL = 1e-5, 1e-6
 
