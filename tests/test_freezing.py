@@ -17,7 +17,7 @@ F = torch.nn.functional
 nn = torch.nn
 
 from pyft import load_model  # noqa: E402
-from pyft.freezing import POLICIES, Policy, apply_policy, freeze_first, full, head_only, scratch  # noqa: E402
+from pyft.freezing import POLICIES, Policy, freeze, freeze_first, full, head_only, scratch  # noqa: E402
 
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -498,7 +498,7 @@ def test_copies_keep_their_own_policy(lite0):
      r"weight_decay must be a number >= 0"),
     (lambda m: m.freeze("full", weight_decay=None), ValueError, r"weight_decay"),
     (lambda m: m.freeze("freeze_first", k=99), ValueError, r"k must be in \[0, 18\]"),
-    (lambda m: apply_policy(m, "scratch", seed=1, k=3), TypeError,
+    (lambda m: freeze(m, "scratch", seed=1, k=3), TypeError,
      r"bad options for policy 'scratch'"),
 ])
 def test_bad_policy_arguments_change_nothing(lite0, call, error, pattern):
