@@ -82,7 +82,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyft._checks import check_int, check_positive, stratified_holdout
+from pyft._checks import check_bool, check_int, check_positive, stratified_holdout
 from pyft.data import take
 
 __all__ = ["advise", "Advice", "SMALL_PER_CLASS", "SIMILAR_TOLERANCE", "ACCURACY_TOLERANCE",
@@ -231,9 +231,12 @@ def _batches(n: int, bs: int) -> List[slice]:
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
 
 
-def _to(x: Any, dev: torch.device) -> Any:
+def _to(x: Any, dev: torch.device, channels_last: bool = False) -> Any:
+    """``x`` (a tensor or a dict of them) on ``dev``; 4-D tensors channels-last if asked."""
     if isinstance(x, dict):
         return {key: v.to(dev) for key, v in x.items()}
+    if channels_last and x.dim() == 4:
+        return x.to(dev, memory_format=torch.channels_last)
     return x.to(dev)
 
 
@@ -278,7 +281,8 @@ class _BNStats:
         return out
 
 
-def _probe_pass(work: Any, x_sub: Any, batch_size: int, dev: torch.device
+def _probe_pass(work: Any, x_sub: Any, batch_size: int, dev: torch.device,
+                channels_last: bool = False
                 ) -> Tuple[List[np.ndarray], np.ndarray, float, np.ndarray]:
     """One inference pass: pooled output of every block, the head's input, seconds per sample
     (preprocessing included) and the share of the forward time spent up to each block's tap."""
@@ -318,7 +322,7 @@ def _probe_pass(work: Any, x_sub: Any, batch_size: int, dev: torch.device
     try:
         with torch.inference_mode():
             for sl in _batches(n, batch_size):
-                x = _to(work.preprocess(take(x_sub, np.arange(n)[sl])), dev)
+                x = _to(work.preprocess(take(x_sub, np.arange(n)[sl])), dev, channels_last)
                 state.update(seen=set(), t0=time.perf_counter(),
                              mask=x.get("attention_mask") if isinstance(x, dict) else None)
                 work.run(x)
@@ -439,8 +443,8 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
            epochs: int = 10, val_samples: Optional[int] = None, probe_samples: int = 1000,
            folds: int = 3, trials: bool = True, batch_size: int = 32, trial_epochs: int = 2,
            lrs: Optional[Sequence[float]] = None, ks: Optional[Sequence[Any]] = None,
-           lr_ratio: float = 0.1,
-           weight_decay: float = 1e-4, seed: int = 0) -> Advice:
+           lr_ratio: float = 0.1, weight_decay: float = 1e-4,
+           channels_last: Optional[bool] = None, seed: int = 0) -> Advice:
     """Recommend ``head_only``, ``freeze_first(k)`` or ``full`` (and a learning rate) for
     ``model`` on ``data``.
 
@@ -481,6 +485,9 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
         for the model's kind.
     lr_ratio, weight_decay : float
         As in :class:`pyft.FineTuner`: pretrained layers train at ``lr_ratio`` times the rate.
+    channels_last : bool, optional
+        As in :class:`pyft.FineTuner` (default: on for image models): the trials run in the
+        memory format of the real run, so their measured costs are the real run's.
     seed : int
         Seeds the subsample, the folds, the split and the trials.
 
@@ -494,7 +501,8 @@ def advise(model: Any, data: Any, labels: Any = None, *, time_budget: Optional[f
     st = _setup(model, data, labels, epochs=epochs, val_samples=val_samples,
                 probe_samples=probe_samples, folds=folds, batch_size=batch_size,
                 trial_epochs=trial_epochs, time_budget=time_budget, lrs=lrs,
-                lr_ratio=lr_ratio, weight_decay=weight_decay, seed=seed)
+                lr_ratio=lr_ratio, weight_decay=weight_decay, channels_last=channels_last,
+                seed=seed)
     _measure_probes(st)
     _size_and_prior(st)
     _measure_full_step(st, time_budget)
@@ -544,6 +552,7 @@ class _Study:
     lr_ratio: float
     weight_decay: float
     seed: int
+    channels_last: bool
     # filled by the steps
     probes: List[Dict[str, Any]] = field(default_factory=list)
     bn_shift: List[Dict[str, Any]] = field(default_factory=list)
@@ -570,7 +579,7 @@ class _Study:
 def _setup(model: Any, data: Any, labels: Any, *, epochs: Any, val_samples: Any,
            probe_samples: Any, folds: Any, batch_size: Any, trial_epochs: Any,
            time_budget: Any, lrs: Any, lr_ratio: float, weight_decay: float,
-           seed: int) -> _Study:
+           channels_last: Any, seed: int) -> _Study:
     """Checked arguments, the model (loaded from a spec if needed) and the stratified subsample."""
     from pyft.models import FineTunableModel, load_model
 
@@ -594,6 +603,8 @@ def _setup(model: Any, data: Any, labels: Any, *, epochs: Any, val_samples: Any,
         check_positive("time_budget", time_budget, "a positive number of seconds")
     if val_samples is not None:
         check_int("val_samples", val_samples, 0)
+    if channels_last is not None:
+        check_bool("channels_last", channels_last)
     lrs = tuple(LR_GRIDS.get(model.kind, LR_GRIDS["image"]) if lrs is None else lrs)
     if not lrs:
         raise ValueError(f"lrs must be a non-empty sequence of positive numbers; got {lrs!r}")
@@ -608,14 +619,18 @@ def _setup(model: Any, data: Any, labels: Any, *, epochs: Any, val_samples: Any,
     if folds_eff < 2:
         raise ValueError("every class needs at least 2 samples in the probe subsample; "
                          f"the smallest class has {int(counts.min())}")
+    cl = bool(model.kind == "image" if channels_last is None else channels_last)
     work = copy.deepcopy(model)
     work.eval()
+    if cl:
+        work.net.to(memory_format=torch.channels_last)
     return _Study(model=model, work=work, x_sub=take(data, sub), y_sub=y_sub, classes=classes,
                   counts=counts, n=n,
                   n_val_real=int(round(0.1 * n)) if val_samples is None else int(val_samples),
                   folds=folds_eff, dev=next(model.parameters()).device, epochs=int(epochs),
                   batch_size=int(batch_size), trial_epochs=int(trial_epochs), lrs=lrs,
-                  lr_ratio=lr_ratio, weight_decay=weight_decay, seed=seed)
+                  lr_ratio=lr_ratio, weight_decay=weight_decay, seed=seed,
+                  channels_last=cl)
 
 
 def _measure_probes(st: _Study) -> None:
@@ -623,8 +638,8 @@ def _measure_probes(st: _Study) -> None:
     the forward time up to each block; then a cross-validated linear probe per block."""
     bn = _BNStats(st.work.net)
     try:
-        feats, st.head_feats, st.fwd_per_sample, st.share = _probe_pass(st.work, st.x_sub, 64,
-                                                                         st.dev)
+        feats, st.head_feats, st.fwd_per_sample, st.share = _probe_pass(
+            st.work, st.x_sub, 64, st.dev, st.channels_last)
     finally:
         bn.remove()
     for i in range(len(st.work.blocks)):
@@ -683,8 +698,11 @@ def _measure_full_step(st: _Study, time_budget: Optional[float]) -> None:
     probe_model = copy.deepcopy(st.model)
     probe_model.freeze("full")
     probe_model.train()
+    if st.channels_last:
+        probe_model.net.to(memory_format=torch.channels_last)
     nb_meas = min(st.batch_size, len(st.tr_pos))
-    xb = _to(probe_model.preprocess(take(st.x_sub, st.tr_pos[:nb_meas])), st.dev)
+    xb = _to(probe_model.preprocess(take(st.x_sub, st.tr_pos[:nb_meas])), st.dev,
+             st.channels_last)
     yb = torch.as_tensor(st.y_sub[st.tr_pos[:nb_meas]], dtype=torch.long, device=st.dev)
     t0 = time.perf_counter()
     nn.functional.cross_entropy(probe_model.run(xb).float(), yb).backward()
@@ -739,10 +757,11 @@ def _trial_rows(st: _Study, t_start: float) -> int:
 _Rows = Callable[[np.ndarray], Any]
 
 
-def _cached(x: torch.Tensor, dev: torch.device, mask: Optional[torch.Tensor] = None) -> _Rows:
+def _cached(x: torch.Tensor, dev: torch.device, mask: Optional[torch.Tensor] = None,
+            channels_last: bool = False) -> _Rows:
     """Rows of cached activations (with each row's attention mask for text suffixes)."""
     if mask is None:
-        return lambda idx: x[torch.as_tensor(idx)].to(dev)
+        return lambda idx: _to(x[torch.as_tensor(idx)], dev, channels_last)
     return lambda idx: {"features": x[torch.as_tensor(idx)].to(dev),
                         "attention_mask": mask[torch.as_tensor(idx)].to(dev)}
 
@@ -763,7 +782,8 @@ def _prefix_activations(st: _Study) -> Dict[int, Tuple[Any, ...]]:
                 continue
             t0 = time.perf_counter()
             entry = extract_features(st.work, st.x_sub, cut=kk, cache_dir=tmp, batch_size=64,
-                                     progress=False, distributed=False)
+                                     channels_last=st.channels_last, progress=False,
+                                     distributed=False)
             act = torch.from_numpy(np.asarray(entry.features, dtype=np.float32))
             # Text entries carry each row's attention mask, which the suffix needs.
             mask = entry.extras.get("attention_mask")
@@ -790,7 +810,7 @@ def _candidates(st: _Study, acts: Dict[int, Tuple[Any, ...]]
     h_tr, h_va = h[torch.as_tensor(st.tr_pos)], h[torch.as_tensor(st.va_pos)]
 
     def raw(x: Any) -> Callable[[Any], _Rows]:
-        return lambda m: (lambda idx: _to(m.preprocess(take(x, idx)), dev))
+        return lambda m: (lambda idx: _to(m.preprocess(take(x, idx)), dev, st.channels_last))
 
     def runner(policy: str, opts: Dict[str, Any], fwd: Callable[[Any], Callable[[Any], Any]],
                x_tr: Callable[[Any], _Rows], x_va: Callable[[Any], _Rows]
@@ -798,6 +818,8 @@ def _candidates(st: _Study, acts: Dict[int, Tuple[Any, ...]]
         def run(lr: float) -> Dict[str, Any]:
             m = copy.deepcopy(st.model)
             groups = m.freeze(policy, lr=lr, weight_decay=st.weight_decay, **opts)
+            if st.channels_last:  # as the real run trains (FineTuner's channels_last)
+                m.net.to(memory_format=torch.channels_last)
             return _short_run(fwd(m), m.train, groups, x_tr(m), y_tr, x_va(m), y_va,
                               st.trial_epochs, st.batch_size, st.seed, m.net)
         return run
@@ -813,7 +835,8 @@ def _candidates(st: _Study, acts: Dict[int, Tuple[Any, ...]]
         if kk in acts:
             a_tr, a_va, _, m_tr, m_va = acts[kk]
             return runner("freeze_first", opts, suffix_of(kk),
-                          lambda m: _cached(a_tr, dev, m_tr), lambda m: _cached(a_va, dev, m_va))
+                          lambda m: _cached(a_tr, dev, m_tr, st.channels_last),
+                          lambda m: _cached(a_va, dev, m_va, st.channels_last))
         return runner("freeze_first", opts, lambda m: m.run, raw(raw_tr), raw(raw_va))
 
     cands = [("head_only", "head_only", None,

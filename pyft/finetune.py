@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyft._checks import check_int, check_positive, did_you_mean, stratified_holdout
+from pyft._checks import check_bool, check_int, check_positive, did_you_mean, stratified_holdout
 from pyft.data import LabeledData, load_data, take
 
 __all__ = ["FineTuner", "STRATEGIES"]
@@ -53,6 +53,15 @@ def warmup_cosine(groups: List[Dict[str, Any]], steps: int) -> Any:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _channels_last_inputs(forward: Any) -> Any:
+    """``forward`` with its 4-D tensor inputs in the channels-last memory format."""
+    def run(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return forward(x)
+    return run
 
 
 class FineTuner:
@@ -86,6 +95,12 @@ class FineTuner:
     autocast : bool, optional
         bfloat16 autocast for end-to-end training; default on for CUDA, off on CPU (where it
         helps only with AMX/AVX-512 BF16, which these machines lack).
+    channels_last : bool, optional
+        Train convolutional networks in the channels-last memory format (NHWC), which oneDNN on
+        the CPU and cuDNN run faster (EfficientNet-Lite0 at 64 px on 2 cores: a full step
+        1.4x, a cached ``freeze_first`` suffix step up to 1.8x). Default: on for image models
+        (their 4-D inputs and activations); text models are unaffected. The fitted model is
+        returned in the default (contiguous) format either way.
     distributed : bool or ProcessGroup, optional
         Split the work over the initialised ``torch.distributed`` process group, or the
         ``ProcessGroup`` given (default: when one is initialised, or initialise it from
@@ -128,8 +143,9 @@ class FineTuner:
                  lr_ratio: float = 0.1, layer_decay: Optional[float] = None, patience: int = 3,
                  val_fraction: float = 0.1, image_size: Optional[int] = None,
                  cache_dir: Optional[str] = None, advise_budget: Optional[float] = None,
-                 autocast: Optional[bool] = None, device: str = "cpu", seed: int = 0,
-                 progress: bool = True, distributed: Any = None) -> None:
+                 autocast: Optional[bool] = None, channels_last: Optional[bool] = None,
+                 device: str = "cpu", seed: int = 0, progress: bool = True,
+                 distributed: Any = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}"
                              f"{did_you_mean(strategy, STRATEGIES, n=1)}")
@@ -138,6 +154,8 @@ class FineTuner:
             check_int(name, v, lo)
         if lr is not None:
             check_positive("lr", lr, "a positive number or None")
+        if channels_last is not None:
+            check_bool("channels_last", channels_last)
         if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
         self.model = model
@@ -156,6 +174,7 @@ class FineTuner:
         self.cache_dir = cache_dir
         self.advise_budget = advise_budget
         self.autocast = autocast
+        self.channels_last = channels_last
         self.device = device
         self.seed = seed
         self.progress = progress
@@ -165,6 +184,17 @@ class FineTuner:
     def fit(self, train: Any, val: Any = None, labels: Any = None) -> "FineTuner":
         """Fit on ``train`` (anything :func:`pyft.data.load_data` reads), validating on ``val``
         (or a stratified split of ``train``). Returns self."""
+        # ``seed`` fixes the whole run (model loading, dropout, stochastic depth), not just the
+        # batch order: the same settings give the same model. The caller's random state is left
+        # as it was.
+        dev = torch.device(self.device)
+        cuda = [] if dev.type != "cuda" else [torch.cuda.current_device() if dev.index is None
+                                              else dev.index]
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed)
+            return self._fit(train, val, labels)
+
+    def _fit(self, train: Any, val: Any, labels: Any) -> "FineTuner":
         from pyft.distributed import on_rank0, process_group
 
         t0 = time.perf_counter()
@@ -198,7 +228,8 @@ class FineTuner:
                 lambda: advise(model, train_d.inputs, train_d.labels,
                                time_budget=self.advise_budget, epochs=self.epochs,
                                val_samples=len(val_d), lr_ratio=self.lr_ratio,
-                               weight_decay=self.weight_decay, seed=self.seed),
+                               weight_decay=self.weight_decay, seed=self.seed,
+                               channels_last=self.channels_last),
                 "advising a strategy", self._ranks)
             self._seconds["advise"] = time.perf_counter() - t
             strategy, k = self.advice_.strategy, self.advice_.k
@@ -300,8 +331,12 @@ class FineTuner:
         from pyft.features import extract_features
 
         return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
-                                batch_size=self.batch_size, progress=self.progress,
-                                distributed=self._ranks)
+                                batch_size=self.batch_size,
+                                channels_last=self._channels_last(model),
+                                progress=self.progress, distributed=self._ranks)
+
+    def _channels_last(self, model: Any) -> bool:
+        return bool(model.kind == "image" if self.channels_last is None else self.channels_last)
 
     def _fit_head_only(self, model: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.distributed import on_rank0
@@ -337,6 +372,23 @@ class FineTuner:
         summed gradients and the validation sums are all-reduced, so every rank takes the same
         steps and the same early-stopping decisions.
         """
+        from pyft import distributed as pdist
+
+        world = self._ranks.world
+        cl = self._channels_last(model)
+        if cl:  # NHWC: oneDNN / cuDNN run the convolutions faster; undone below
+            model.net.to(memory_format=torch.channels_last)
+            forward = _channels_last_inputs(forward)
+        try:
+            self._epochs(model, groups, forward, train_batches, val_batches, steps_per_epoch)
+        finally:
+            if cl:
+                model.net.to(memory_format=torch.contiguous_format)
+        if world > 1:
+            pdist.broadcast_state(model.net, self._ranks)  # identical already; made certain
+
+    def _epochs(self, model: Any, groups: List[Dict[str, Any]], forward: Any,
+                train_batches: Any, val_batches: Any, steps_per_epoch: int) -> None:
         from pyft import distributed as pdist
 
         world = self._ranks.world
@@ -396,8 +448,6 @@ class FineTuner:
                     break
         if best_state is not None:
             model.net.load_state_dict(best_state)
-        if world > 1:
-            pdist.broadcast_state(model.net, self._ranks)  # identical already; made certain
 
     def _fit_freeze_first(self, model: Any, k: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.split import SplitError, check_split, split_model

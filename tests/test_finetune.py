@@ -193,3 +193,40 @@ def test_auto_follows_the_advice_and_its_learning_rate(tmp_path, digits):
     ft2 = pyft.FineTuner(_small_cnn(), strategy="auto", epochs=1, lr=0.05, cache_dir=str(tmp_path),
                          progress=False, advise_budget=20).fit(X[:400], labels=y[:400])
     assert ft2.lr_ == 0.05 and ft2.advice_ is not None
+
+
+@pytest.mark.parametrize("strategy", ["freeze_first", "full"])
+def test_channels_last_trains_the_same_model(tmp_path, digits, strategy):
+    """channels_last changes the memory format, not the run: the same epochs give the same losses
+    (up to float rounding of the reordered convolutions, which later steps amplify: one epoch),
+    and the fitted model comes back in the default format."""
+    X, y = digits
+    fits = {cl: _tuner(tmp_path, strategy, k="blocks.13", epochs=1, lr=3e-3, patience=0,
+                       channels_last=cl).fit(X[:200], labels=y[:200]) for cl in (False, True)}
+    a, b = fits[False].history_, fits[True].history_
+    assert len(a) == len(b) == 1
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=2e-3, abs=1e-4)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=2e-3, abs=1e-4)
+    for p in fits[True].model_.net.parameters():
+        assert p.is_contiguous()
+    pa = fits[False].predict_proba(X[300:340])
+    np.testing.assert_allclose(fits[True].predict_proba(X[300:340]), pa, atol=2e-3)
+    with pytest.raises(TypeError, match="channels_last must be True or False; got 'yes'"):
+        pyft.FineTuner(channels_last="yes")
+
+
+def test_seed_fixes_the_run(tmp_path, digits):
+    """The same settings give the same model (dropout included), whatever the global random
+    state; the caller's random state is not consumed."""
+    X, y = digits
+    runs = []
+    for junk in (1, 2):
+        torch.manual_seed(junk)
+        before = torch.random.get_rng_state()
+        ft = _tuner(tmp_path, "full", epochs=1, lr=3e-3, seed=5).fit(X[:150], labels=y[:150])
+        assert torch.equal(torch.random.get_rng_state(), before)
+        runs.append(ft)
+    assert runs[0].history_[0]["train_loss"] == runs[1].history_[0]["train_loss"]
+    for p, q in zip(runs[0].model_.net.parameters(), runs[1].model_.net.parameters()):
+        assert torch.equal(p, q)
