@@ -17,6 +17,9 @@
    validation halves of the subsample, the same number of AdamW steps (``trial_epochs`` over
    the training half, batches in the same order, warm-up and cosine decay as in
    :class:`pyft.FineTuner`), once per learning rate of a small grid; each keeps its best rate.
+   ``full``, whose trial costs the most, runs once, at the rate of the cached ``freeze_first``
+   trial that trains the most blocks (the same recipe on fewer trainable layers); it searches
+   the grid itself only when no ``freeze_first`` depth trains from a cache.
    Every trial starts from the model as given, with the same new head; ``head_only`` gets the
    same short AdamW run as the others (not a converged solver, which a short run of the others
    could not match). Trained BatchNorm layers get their running statistics recalibrated on the
@@ -105,7 +108,8 @@ class Advice:
     ``accuracy`` and ``stderr`` (trial validation accuracy), ``gap`` and ``gap_stderr`` (to the
     best candidate, paired), ``estimated_seconds`` (the real run), ``cost`` (the measured
     seconds per sample it comes from), ``cached`` and ``note``; ``lr_grid`` holds every rate's
-    result.
+    result. ``full``, the dearest trial, tries one rate when a cached ``freeze_first`` ran: the
+    one that candidate found best (``lr_from`` names it).
     """
 
     strategy: str
@@ -731,13 +735,20 @@ def _choose_depths(st: _Study, ks: Optional[Sequence[Any]]) -> None:
         st.ks = [kk for kk in st.ks if kk not in st.split_notes] or [st.k]
 
 
+def _full_rates(st: _Study) -> int:
+    """How many rates ``full`` tries: one when a cached ``freeze_first`` trial gives it its rate
+    (see :func:`_run_trials`), else the whole grid."""
+    return 1 if any(kk not in st.split_notes for kk in st.ks) else len(st.lrs)
+
+
 def _trial_rows(st: _Study, t_start: float) -> int:
     """Size the trials' training half to the budget left: every rate of every candidate runs
     trial_epochs passes over it, then one recalibration and one validation pass."""
     fwd, full = st.fwd_per_sample, st.full_per_sample
-    # full: the steps, then one BatchNorm recalibration pass
-    train_cost = full + fwd / st.trial_epochs
-    fixed = len(st.lrs) * st.n_val * fwd
+    # full: the steps, then one BatchNorm recalibration pass, at its share of the rates
+    nf = _full_rates(st) / len(st.lrs)
+    train_cost = nf * (full + fwd / st.trial_epochs)
+    fixed = _full_rates(st) * st.n_val * fwd
     for kk in st.ks:
         pre = float(st.share[kk - 1])
         if kk in st.split_notes:
@@ -852,8 +863,8 @@ def _candidates(st: _Study, acts: Dict[int, Tuple[Any, ...]]
 
 def _trial_one(st: _Study, name: str, strat: str, kk: Optional[int],
                make: Callable[[], Callable[[float], Dict[str, Any]]],
-               acts: Dict[int, Tuple[Any, ...]]) -> Dict[str, Any]:
-    """One candidate over the learning-rate grid: its best rate's result and the estimated
+               acts: Dict[int, Tuple[Any, ...]], lrs: Sequence[float]) -> Dict[str, Any]:
+    """One candidate over the learning rates ``lrs``: its best rate's result and the estimated
     time of the real run from the costs it measured."""
     runs = []
     t_make = time.perf_counter()
@@ -861,7 +872,7 @@ def _trial_one(st: _Study, name: str, strat: str, kk: Optional[int],
         torch.manual_seed(st.seed)
         run_one = make()
     t_make = time.perf_counter() - t_make
-    for lr in st.lrs:
+    for lr in lrs:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(st.seed)
             r = run_one(lr)
@@ -901,8 +912,22 @@ def _run_trials(st: _Study, t_start: float) -> Tuple[Dict[str, Dict[str, Any]], 
     st.tr_pos = st.tr_pos[:rows]
     t_trials = time.perf_counter()
     acts = _prefix_activations(st)
-    results = {name: _trial_one(st, name, strat, kk, make, acts)
-               for name, strat, kk, make in _candidates(st, acts)}
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, strat, kk, make in _candidates(st, acts):
+        lrs: Sequence[float] = st.lrs
+        cached_ff = [r for r in results.values()
+                     if r["strategy"] == "freeze_first" and r["cached"]]
+        if strat == "full" and cached_ff:
+            # full costs the most per trial: it takes the rate of the cached freeze_first trial
+            # that trains the most blocks (the same head rate, the body at lr_ratio of it), the
+            # nearest relative it has, instead of its own pass over the grid.
+            donor = min(cached_ff, key=lambda r: r["k"])
+            lrs = [donor["lr"]]
+        results[name] = _trial_one(st, name, strat, kk, make, acts, lrs)
+        if strat == "full" and cached_ff:
+            results[name]["lr_from"] = f"freeze_first({donor['k']})"
+            results[name]["note"] += (f"; rate taken from freeze_first({donor['k']})'s grid, "
+                                      "not searched again")
     setup = {"train_samples": int(rows), "val_samples": int(len(st.va_pos)),
              "steps": int(st.trial_epochs * math.ceil(rows / st.batch_size)),
              "epochs": int(st.trial_epochs), "batch_size": int(st.batch_size),

@@ -244,6 +244,7 @@ class FineTuner:
         self.cache_used_ = strategy == "head_only"
         self.split_reason_: Optional[str] = None
         t = time.perf_counter()
+        torch.manual_seed(self.seed)  # auto's run is the run of its choice, advice or not
         if strategy == "head_only":
             self._fit_head_only(model, train_d, val_d)
         elif strategy == "freeze_first":

@@ -198,8 +198,14 @@ def test_trials_compare_like_with_like(monkeypatch, digits8):
     assert "head_only" in trialled and "full" in trialled
     assert any(c.startswith("freeze_first(") for c in trialled)
     assert advice.trials["scratch"]["accuracy"] is None
-    # Every candidate tried every rate, on the same rows, with the same recipe.
-    assert len(calls) == len(trialled) * len(grid)
+    # Every candidate but full tried every rate; full ran once, at the rate of the cached
+    # freeze_first that trains the most blocks. All on the same rows, with the same recipe.
+    assert len(calls) == (len(trialled) - 1) * len(grid) + 1
+    ffs = {c: t for c, t in trialled.items() if c.startswith("freeze_first(")}
+    donor = min(ffs.values(), key=lambda t: t["k"])
+    assert trialled["full"]["lr_from"] == f"freeze_first({donor['k']})"
+    assert [r["lr"] for r in trialled["full"]["lr_grid"]] == [donor["lr"]]
+    assert calls[-1]["lr"] == donor["lr"] and "not searched again" in trialled["full"]["note"]
     first = calls[0]
     for c in calls:
         np.testing.assert_array_equal(c["y_train"], first["y_train"])
@@ -212,7 +218,7 @@ def test_trials_compare_like_with_like(monkeypatch, digits8):
     # Per candidate: the best rate of its grid, accuracy +- stderr, gap, estimated time.
     for c, t in trialled.items():
         assert t["lr"] in grid
-        assert len(t["lr_grid"]) == len(grid)
+        assert len(t["lr_grid"]) == (1 if c == "full" else len(grid))
         assert t["accuracy"] == max(r["accuracy"] for r in t["lr_grid"] if not r["diverged"])
         assert 0.0 <= t["accuracy"] <= 1.0 and t["stderr"] > 0
         assert t["gap"] >= 0 and t["gap_stderr"] >= 0

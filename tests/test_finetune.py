@@ -189,6 +189,13 @@ def test_auto_follows_the_advice_and_its_learning_rate(tmp_path, digits):
     fs = ft.fit_seconds_
     _phases_add_up(fs)
     assert fs["advise"] > 0 and fs["advise"] == pytest.approx(adv.seconds, rel=0.2, abs=0.5)
+    # auto's run is the run of its choice: the same strategy, k and rate given explicitly train
+    # the same model.
+    same = pyft.FineTuner(_small_cnn(), strategy=ft.strategy_, k=ft.k_, lr=ft.lr_, epochs=2,
+                          cache_dir=str(tmp_path), progress=False).fit(X[:400], labels=y[:400])
+    assert [h.get("val_loss") for h in same.history_] == [h.get("val_loss") for h in ft.history_]
+    for p, q in zip(same.model_.net.parameters(), ft.model_.net.parameters()):
+        assert torch.equal(p, q)
     # An explicit rate wins over the advice's.
     ft2 = pyft.FineTuner(_small_cnn(), strategy="auto", epochs=1, lr=0.05, cache_dir=str(tmp_path),
                          progress=False, advise_budget=20).fit(X[:400], labels=y[:400])
