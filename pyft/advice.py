@@ -773,8 +773,11 @@ def _cached(x: torch.Tensor, dev: torch.device, mask: Optional[torch.Tensor] = N
     """Rows of cached activations (with each row's attention mask for text suffixes)."""
     if mask is None:
         return lambda idx: _to(x[torch.as_tensor(idx)], dev, channels_last)
-    return lambda idx: {"features": x[torch.as_tensor(idx)].to(dev),
-                        "attention_mask": mask[torch.as_tensor(idx)].to(dev)}
+    from pyft.cache import _trim_padding
+
+    # Each batch cut to the token columns its rows use, as the real run's cache batches are.
+    return lambda idx: _trim_padding({"features": x[torch.as_tensor(idx)].to(dev),
+                                      "attention_mask": mask[torch.as_tensor(idx)].to(dev)})
 
 
 def _prefix_activations(st: _Study) -> Dict[int, Tuple[Any, ...]]:

@@ -270,10 +270,20 @@ def test_text_cache_stores_masks_and_batches_carry_them(tmp_path, minilm):
                 idx = order[seen:seen + len(yb)]
                 seen += len(yb)
                 assert sorted(x) == ["attention_mask", "features"]
+                # Cut to the columns these rows use (the stored rows are padded to the
+                # longest text of all): the same outputs on fewer tokens.
+                used = int(full["attention_mask"][idx].sum(1).max())
+                assert x["attention_mask"].shape == (len(idx), used)
+                assert x["features"].shape == (len(idx), used, 384)
                 np.testing.assert_array_equal(x["attention_mask"].numpy(),
-                                              full["attention_mask"][idx].numpy())
+                                              full["attention_mask"][idx, :used].numpy())
                 np.testing.assert_array_equal(yb.numpy(), y[idx])
                 _close(suffix(**x), ref[idx])
+            trimmed = sum(1 for x, _ in e.batches(4, seed=3, epoch=epoch)
+                          if x["features"].shape[1] < length)
+            assert trimmed > 0  # the texts differ in length: some batches are narrower
+            for x, _ in e.batches(4, seed=3, epoch=epoch, trim_padding=False):
+                assert x["features"].shape[1] == x["attention_mask"].shape[1] == length
     again = extract_features(m, TEXTS, y, cut=4, cache_dir=tmp_path, batch_size=4,
                              dtype="float32", progress=False)
     assert again.reused and again.key == e.key
