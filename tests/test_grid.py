@@ -272,6 +272,10 @@ def test_grid_diverging_head_does_not_raise_or_touch_others(D):
 _CHILD_INTERRUPT = textwrap.dedent(
     """
     import sys, numpy as np
+    import signal
+    # A shell that starts jobs in the background hands them SIGINT ignored; the test is about
+    # pyft's handling of Ctrl-C, so the child takes Python's own handler whatever it inherited.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pyft import _core
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20000, 128), dtype=np.float32)

@@ -54,6 +54,10 @@ def test_float16_memmap_trains_without_float32_copy(tmp_path):
 _CHILD_INTERRUPT = textwrap.dedent(
     """
     import sys, time, numpy as np
+    import signal
+    # A shell that starts jobs in the background hands them SIGINT ignored; the test is about
+    # pyft's handling of Ctrl-C, so the child takes Python's own handler whatever it inherited.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import pyft
     from pyft import _core
     rng = np.random.default_rng(0)
