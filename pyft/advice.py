@@ -237,11 +237,11 @@ def _batches(n: int, bs: int) -> List[slice]:
 
 def _to(x: Any, dev: torch.device, channels_last: bool = False) -> Any:
     """``x`` (a tensor or a dict of them) on ``dev``; 4-D tensors channels-last if asked."""
+    from pyft.models.model import to_channels_last
+
     if isinstance(x, dict):
         return {key: v.to(dev) for key, v in x.items()}
-    if channels_last and x.dim() == 4:
-        return x.to(dev, memory_format=torch.channels_last)
-    return x.to(dev)
+    return to_channels_last(x.to(dev)) if channels_last else x.to(dev)
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -623,7 +623,7 @@ def _setup(model: Any, data: Any, labels: Any, *, epochs: Any, val_samples: Any,
     if folds_eff < 2:
         raise ValueError("every class needs at least 2 samples in the probe subsample; "
                          f"the smallest class has {int(counts.min())}")
-    cl = bool(model.kind == "image" if channels_last is None else channels_last)
+    cl = model.uses_channels_last(channels_last)
     work = copy.deepcopy(model)
     work.eval()
     if cl:

@@ -381,6 +381,8 @@ def _naive_epoch_seconds(model: Any, strategy: str, k: Any, lr: float, Xtr: Any,
     import torch
     from torch import nn
 
+    from pyft.models.model import to_channels_last
+
     m = copy.deepcopy(model)
     if strategy == "head_only":
         m.freeze("head_only")
@@ -400,7 +402,7 @@ def _naive_epoch_seconds(model: Any, strategy: str, k: Any, lr: float, Xtr: Any,
     m.net.to(memory_format=torch.channels_last)
 
     def prep(idx: Any) -> Any:
-        return m.preprocess(Xtr[idx]).contiguous(memory_format=torch.channels_last)
+        return to_channels_last(m.preprocess(Xtr[idx]))
 
     m.train()
     with torch.no_grad():  # warm-up: oneDNN primitives, thread pools

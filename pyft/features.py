@@ -174,8 +174,10 @@ class _Forward:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(zlib.crc32(f"{int(self.seed)}/{view}/{start}".encode()))
                 x = torch.stack([self.transform(xi) for xi in x])
-        if self.channels_last and hasattr(x, "to") and getattr(x, "ndim", 0) == 4:
-            x = x.to(memory_format=torch.channels_last)
+        if self.channels_last:
+            from pyft.models.model import to_channels_last
+
+            x = to_channels_last(x)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                     enabled=self.autocast_bf16):
             out = self._activations(x)

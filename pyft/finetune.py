@@ -55,15 +55,6 @@ def warmup_cosine(groups: List[Dict[str, Any]], steps: int) -> Any:
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _channels_last_inputs(forward: Any) -> Any:
-    """``forward`` with its 4-D tensor inputs in the channels-last memory format."""
-    def run(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return forward(x)
-    return run
-
-
 class FineTuner:
     """Fine-tune a pretrained network on labelled data with the right strategy.
 
@@ -333,11 +324,8 @@ class FineTuner:
 
         return extract_features(model, d.inputs, d.labels, cut=cut, cache_dir=self.cache_dir,
                                 batch_size=self.batch_size,
-                                channels_last=self._channels_last(model),
+                                channels_last=model.uses_channels_last(self.channels_last),
                                 progress=self.progress, distributed=self._ranks)
-
-    def _channels_last(self, model: Any) -> bool:
-        return bool(model.kind == "image" if self.channels_last is None else self.channels_last)
 
     def _fit_head_only(self, model: Any, tr: LabeledData, va: LabeledData) -> None:
         from pyft.distributed import on_rank0
@@ -376,10 +364,15 @@ class FineTuner:
         from pyft import distributed as pdist
 
         world = self._ranks.world
-        cl = self._channels_last(model)
+        from pyft.models.model import to_channels_last
+
+        cl = model.uses_channels_last(self.channels_last)
         if cl:  # NHWC: oneDNN / cuDNN run the convolutions faster; undone below
             model.net.to(memory_format=torch.channels_last)
-            forward = _channels_last_inputs(forward)
+            plain = forward
+
+            def forward(x: Any) -> Any:
+                return plain(to_channels_last(x))
         try:
             self._epochs(model, groups, forward, train_batches, val_batches, steps_per_epoch)
         finally:

@@ -123,6 +123,11 @@ class FineTunableModel(nn.Module):
         """Raw images (arrays, tensors, PIL) or texts to what ``forward`` takes."""
         return self.preprocessing(inputs)
 
+    def uses_channels_last(self, flag: Optional[bool] = None) -> bool:
+        """Whether to run in the channels-last memory format: ``flag`` when given, else for
+        image models (4-D convolution inputs), which oneDNN and cuDNN run faster in NHWC."""
+        return bool(self.kind == "image" if flag is None else flag)
+
     def run(self, prepared: Any) -> torch.Tensor:
         """``forward`` on the output of :meth:`preprocess` (a tensor, or a dict for text)."""
         if isinstance(prepared, dict):
@@ -262,6 +267,13 @@ def _unique_params(modules: Iterable[nn.Module]) -> List[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def to_channels_last(x: Any) -> Any:
+    """``x`` in the channels-last memory format if it is a 4-D tensor, else unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _pool(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
