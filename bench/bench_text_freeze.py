@@ -22,12 +22,12 @@ weights as the cold run (the cache is reused exactly), and the accuracies must a
 
 What to expect: a warm run costs the suffix's training, one layer's forward and backward in
 training mode; the recompute loop adds the five frozen layers' forward. Counting matrix products
-only, the ratio could reach about (5 + 2.75) / 2.75 = 2.8x at k=6; measured on this 2-core CPU,
-the trained layer (dropout, the math attention path, layer-norm and GELU backward) costs about as
-much as the five frozen forwards, so expect about 2x (less at smaller k). The cold run also pays
+only, the ratio could reach at most (5 + 2.75) / 2.75 = 2.8x at k=6; measured on this 2-core
+CPU, the trained layer (dropout, layer-norm, GELU and softmax backward on top of the products)
+costs about 3.2 layer-forwards, so expect about 2.5x (less at smaller k). The cold run also pays
 one prefix pass.
 
-    python bench/bench_text_freeze.py            # about 3 minutes on 2 idle cores
+    python bench/bench_text_freeze.py            # about 2 minutes on 2 idle cores
     python bench/bench_text_freeze.py --quick    # smoke run
 
 Last line: one JSON object.
