@@ -144,7 +144,8 @@ def run_case(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     print(f"\n  {'strategy':<14} {'lr (val-picked)':>15} {'val':>7} {'test':>7} {'wall s':>8}"
           f" {'median wall s':>14}")
     for s, r in tuned.items():
-        print(f"  {s:<14} {r['lr']:>15.0e} {r['val']:>7.4f} {r['test']:>7.4f} {r['wall']:>8.1f}"
+        lr_s = "- (L-BFGS)" if s == "head_only" else f"{r['lr']:.0e}"  # its lr is unused
+        print(f"  {s:<14} {lr_s:>15} {r['val']:>7.4f} {r['test']:>7.4f} {r['wall']:>8.1f}"
               f" {medians[s]:>14.1f}")
     chose = ", ".join(f"{a['strategy']}{'' if a['k'] is None else '(%d)' % a['k']} "
                       f"lr {a['lr']:g}" for a in autos)
