@@ -137,10 +137,10 @@ def run_case(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     best = tuned[best_name]["test"]
     auto_test = statistics.median(a["test"] for a in autos)
     auto_wall = statistics.median(a["wall"] for a in autos)
-    full_wall = statistics.median(r["wall"] for r in runs["full"])
+    medians = {s: statistics.median(r["wall"] for r in rs) for s, rs in runs.items()}
+    full_wall = medians["full"]
     ok_acc = auto_test >= best - 0.015
     ok_time = auto_wall <= full_wall / 5
-    medians = {s: statistics.median(r["wall"] for r in rs) for s, rs in runs.items()}
     print(f"\n  {'strategy':<14} {'lr (val-picked)':>15} {'val':>7} {'test':>7} {'wall s':>8}"
           f" {'median wall s':>14}")
     for s, r in tuned.items():
